@@ -1,0 +1,8 @@
+"""The selective-scan core: one public function, several backends.
+
+    from ssm.scan import selective_scan, selective_state_update
+"""
+
+from ssm.scan.core import IMPLS, default_impl, selective_scan, selective_state_update
+
+__all__ = ["IMPLS", "default_impl", "selective_scan", "selective_state_update"]

@@ -1,0 +1,155 @@
+"""The public selective scan: argument checks, the parts shared by every backend
+(delta softplus, D skip, z gate, float32 arithmetic), and the choice of backend."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from ssm.scan import associative, chunked, reference
+
+BACKENDS = {
+    "reference": reference.scan,
+    "associative": associative.scan,
+    "chunked": chunked.scan,
+}
+IMPLS = ("auto", *BACKENDS)
+
+
+def default_impl(platform=None):
+  """The backend `impl="auto"` runs on a platform (cpu, gpu, tpu).
+
+  The chunked backend everywhere: on CPU it is the fastest at training sizes and
+  on accelerators the only unfused backend whose memory does not grow with N
+  (docs/benchmarks.md has the measurements)."""
+  del platform
+  return "chunked"
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                   delta_softplus=True, initial_state=None, return_final_state=False,
+                   impl="auto", *, reset=None, chunk_size=None, channel_block=None):
+  """Selective scan with the semantics of mamba_ssm's `selective_scan_ref`.
+
+  Layout is (batch, length, channels):
+    u, delta, z: (batch, length, channels)   A: (channels, state)
+    B, C: (batch, length, state)              D, delta_bias: (channels,)
+    initial_state: (batch, channels, state)   reset: (batch, length) bool
+
+  delta = softplus(delta + delta_bias); h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t;
+  y_t = <h_t, C_t> + D u_t; y = y * silu(z). Where `reset[b, t]` is true a new
+  document starts at t: the state carried into step t is zeroed (packed sequences).
+  Arithmetic is float32 whatever the input dtype.
+
+  Returns y (batch, length, channels) in u's dtype; with `return_final_state`
+  also the final state (batch, channels, state) in float32.
+
+  `impl` picks the backend: "reference" (sequential `lax.scan`, the
+  specification), "associative" (`lax.associative_scan`), "chunked" (memory-light;
+  `chunk_size` and `channel_block` tune it) or "auto".
+  """
+  batch, length, channels = _check_scan_args(
+      u, delta, A, B, C, D, z, delta_bias, initial_state, reset)
+  if impl not in IMPLS:
+    raise ValueError(f"impl={impl!r}: expected one of {IMPLS}")
+  if impl == "auto":
+    impl = default_impl(jax.default_backend())
+  backend = BACKENDS[impl]
+  if impl == "chunked":
+    backend = functools.partial(backend, chunk_size=chunk_size, channel_block=channel_block)
+  elif chunk_size is not None or channel_block is not None:
+    raise ValueError(f"chunk_size and channel_block apply to impl='chunked', not {impl!r}")
+
+  f32 = lambda x: None if x is None else jnp.asarray(x, jnp.float32)
+  u_f, B_f, C_f, A_f = f32(u), f32(B), f32(C), f32(A)
+  delta_f = _discretization_step(f32(delta), f32(delta_bias), delta_softplus)
+  if reset is None:
+    keep = jnp.ones((batch, length), jnp.float32)
+  else:
+    keep = 1.0 - jnp.asarray(reset, jnp.float32)
+  h0 = (jnp.zeros((batch, channels, A.shape[1]), jnp.float32)
+        if initial_state is None else f32(initial_state))
+
+  y, final_state = backend(u_f, delta_f, A_f, B_f, C_f, keep, h0)
+  y = _output(y, u_f, f32(D), f32(z)).astype(u.dtype)
+  return (y, final_state) if return_final_state else y
+
+
+def selective_state_update(state, x, delta, A, B, C, D=None, z=None, delta_bias=None,
+                           delta_softplus=True):
+  """One step of the scan, for decoding: mamba_ssm's `selective_state_update`.
+
+    state: (batch, channels, state) float32   x, delta, z: (batch, channels)
+    A: (channels, state)   B, C: (batch, state)   D, delta_bias: (channels,)
+
+  Returns (y (batch, channels) in x's dtype, the new state in float32).
+  """
+  if jnp.ndim(state) != 3:
+    raise ValueError(f"state: expected (batch, channels, state), got shape {jnp.shape(state)}")
+  batch, channels, n = state.shape
+  _check("x", x, (batch, channels), "(batch, channels)")
+  _check("delta", delta, (batch, channels), "(batch, channels)", like=("x", x))
+  _check("A", A, (channels, n), "(channels, state)")
+  _check("B", B, (batch, n), "(batch, state)", like=("x", x))
+  _check("C", C, (batch, n), "(batch, state)", like=("x", x))
+  _check("z", z, (batch, channels), "(batch, channels)", like=("x", x))
+  _check("D", D, (channels,), "(channels,)")
+  _check("delta_bias", delta_bias, (channels,), "(channels,)")
+
+  f32 = lambda v: None if v is None else jnp.asarray(v, jnp.float32)
+  delta_f = _discretization_step(f32(delta), f32(delta_bias), delta_softplus)
+  keep = jnp.ones((batch,), jnp.float32)
+  new_state, y = reference.step(f32(state), f32(x), delta_f, f32(A), f32(B), f32(C), keep)
+  return _output(y, f32(x), f32(D), f32(z)).astype(x.dtype), new_state
+
+
+def _discretization_step(delta, delta_bias, delta_softplus):
+  if delta_bias is not None:
+    delta = delta + delta_bias
+  return jax.nn.softplus(delta) if delta_softplus else delta
+
+
+def _output(y, u, D, z):
+  if D is not None:
+    y = y + D * u
+  if z is not None:
+    y = y * jax.nn.silu(z)
+  return y
+
+
+def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, reset):
+  if jnp.ndim(u) != 3:
+    raise ValueError(f"u: expected (batch, length, channels), got shape {jnp.shape(u)}")
+  batch, length, channels = u.shape
+  if jnp.ndim(A) != 2 or A.shape[0] != channels:
+    raise ValueError(f"A: expected (channels, state) = ({channels}, N), got shape {jnp.shape(A)}")
+  n = A.shape[1]
+  _check("u", u, u.shape, "(batch, length, channels)")
+  _check("delta", delta, (batch, length, channels), "(batch, length, channels)", like=("u", u))
+  _check("A", A, (channels, n), "(channels, state)")
+  _check("B", B, (batch, length, n), "(batch, length, state)", like=("u", u))
+  _check("C", C, (batch, length, n), "(batch, length, state)", like=("u", u))
+  _check("z", z, (batch, length, channels), "(batch, length, channels)", like=("u", u))
+  _check("D", D, (channels,), "(channels,)")
+  _check("delta_bias", delta_bias, (channels,), "(channels,)")
+  _check("initial_state", initial_state, (batch, channels, n), "(batch, channels, state)")
+  if reset is not None:
+    if jnp.shape(reset) != (batch, length):
+      raise ValueError(f"reset: expected shape (batch, length) = {(batch, length)}, "
+                       f"got {jnp.shape(reset)}")
+    if not (jnp.issubdtype(reset.dtype, jnp.bool_) or jnp.issubdtype(reset.dtype, jnp.integer)):
+      raise TypeError(f"reset: expected a bool mask, got dtype {reset.dtype}")
+  return batch, length, channels
+
+
+def _check(name, x, shape, names, like=None):
+  """Checks an optional float argument's shape, and its dtype against `like`."""
+  if x is None:
+    return
+  if jnp.shape(x) != tuple(shape):
+    raise ValueError(f"{name}: expected shape {names} = {tuple(shape)}, got {jnp.shape(x)}")
+  if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+    raise TypeError(f"{name}: expected a floating dtype, got {jnp.result_type(x)}")
+  if like is not None and jnp.result_type(x) != jnp.result_type(like[1]):
+    raise TypeError(f"{name}: dtype {jnp.result_type(x)} differs from {like[0]}'s "
+                    f"{jnp.result_type(like[1])}; pass both in one dtype")
