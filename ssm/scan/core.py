@@ -26,6 +26,8 @@ def default_impl(platform=None):
   return "chunked"
 
 
+@functools.partial(jax.jit, static_argnames=(
+    "delta_softplus", "return_final_state", "impl", "chunk_size", "channel_block"))
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                    delta_softplus=True, initial_state=None, return_final_state=False,
                    impl="auto", *, reset=None, chunk_size=None, channel_block=None):
@@ -75,6 +77,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
   return (y, final_state) if return_final_state else y
 
 
+@functools.partial(jax.jit, static_argnames=("delta_softplus",))
 def selective_state_update(state, x, delta, A, B, C, D=None, z=None, delta_bias=None,
                            delta_softplus=True):
   """One step of the scan, for decoding: mamba_ssm's `selective_state_update`.
