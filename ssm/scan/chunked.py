@@ -1,121 +1,206 @@
-"""Chunked scan: associative inside chunks of length T, state carried across chunks.
+"""Chunked scan: associative inside tiles of T steps x K channels, state carried
+from tile to tile along the sequence.
 
-Memory is what this backend is for. The forward pass keeps one chunk's
-(batch, T, channels, state) working set alive at a time. The backward pass (a
-custom VJP) keeps nothing from the forward pass but its inputs: it recomputes the
-chunk-boundary states, (batch, L/T, channels, state), and walks the chunks in
-reverse, recomputing each chunk's states as the official CUDA kernel does.
-Channels are independent, so both passes run over blocks of channels in turn to
-bound the working set; with the default block size memory hardly grows with N.
+Memory is what this backend is for. It is the fused kernel's algorithm written
+in XLA: everything, from softplus to the z gate, happens one tile at a time, so
+no (batch, length, channels, state) tensor and no float32 copy of a
+(batch, length, channels) input is ever made. The forward pass writes y tile by
+tile. The backward pass (a custom VJP) keeps nothing but the inputs: per block of
+channels it recomputes the chunk-boundary states, (L/T, batch, K, state), then
+walks the chunks in reverse, recomputing each tile's states as the official CUDA
+kernel does. K is chosen so that a tile's (batch, T, K, state) working set stays
+within `WORKING_SET` elements, so memory hardly grows with N.
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from ssm.scan import associative
+from ssm.scan import associative, common
 
-DEFAULT_CHUNK_SIZE = 64
-# Elements of one (batch, T, channel_block, state) float32 tensor (4 MiB).
-WORKING_SET = 1 << 20
+DEFAULT_CHUNK_SIZE = 32
+WORKING_SET = 1 << 17  # elements of one (batch, T, K, state) tile: 512 KiB in float32
+
+
+class Tiling(NamedTuple):
+  chunk: int  # T
+  block: int  # K
+  delta_softplus: bool
 
 
 def default_channel_block(batch, chunk, channels, state):
-  return max(1, min(channels, WORKING_SET // (batch * chunk * state)))
+  """The largest K within the working set, preferring a divisor of `channels`."""
+  target = max(1, min(channels, WORKING_SET // (batch * chunk * state)))
+  divisor = max(k for k in range(1, target + 1) if channels % k == 0)
+  return divisor if 2 * divisor > target else target
 
 
-def scan(u_BLD, delta_BLD, A_DN, B_BLN, C_BLN, keep_BL, h0_BDN, *,
+def scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, keep, h0, *,
          chunk_size=None, channel_block=None):
-  """Returns (y (B, L, D), h_L (B, D, N)); same core as `reference.scan`."""
-  b, L, D = u_BLD.shape
-  N = A_DN.shape[1]
+  """A backend (see `ssm.scan.common`): returns (y in u's dtype, h_L in float32)."""
+  b, L, Dch = u.shape
+  N = A.shape[1]
   T = min(chunk_size or DEFAULT_CHUNK_SIZE, L)
-  K = min(channel_block or default_channel_block(b, T, D, N), D)
-  nc, nk = -(-L // T), -(-D // K)
-  Lp, Dp = nc * T, nk * K
+  K = min(channel_block or default_channel_block(b, T, Dch, N), Dch)
+  Lp, Dp = -(-L // T) * T, -(-Dch // K) * K
+  D = jnp.zeros((Dch,), jnp.float32) if D is None else D
+  delta_bias = jnp.zeros((Dch,), jnp.float32) if delta_bias is None else delta_bias
 
-  # Padded steps have delta = 0 and keep = 1: the identity map on the state.
-  # Padded channels have u = delta = A = 0 and are sliced off.
-  def blocks(x_BLD):  # -> (nk, nc, b, T, K)
-    x = _pad(_pad(x_BLD, 1, Lp), 2, Dp)
-    return x.reshape(b, nc, T, nk, K).transpose(3, 1, 0, 2, 4)
-
-  def chunks(x_BL, value=0.0):  # (b, L, ...) -> (nc, b, T, ...)
-    x = _pad(x_BL, 1, Lp, value)
-    return x.reshape(b, nc, T, *x.shape[2:]).swapaxes(0, 1)
-
-  u, delta = blocks(u_BLD), blocks(delta_BLD)
-  B, C, keep = chunks(B_BLN), chunks(C_BLN), chunks(keep_BL, 1.0)
-  A = _pad(A_DN, 0, Dp).reshape(nk, K, N)
-  h0 = _pad(h0_BDN, 1, Dp).reshape(b, nk, K, N).swapaxes(0, 1)
-
-  def one_block(xs):
-    u_k, delta_k, A_k, h0_k = xs
-    return _scan_block(u_k, delta_k, A_k, B, C, keep, h0_k)
-
-  y, hT = jax.lax.map(one_block, (u, delta, A, h0))
-  y_BLD = y.transpose(2, 1, 3, 0, 4).reshape(b, Lp, Dp)[:, :L, :D]
-  hT_BDN = hT.swapaxes(0, 1).reshape(b, Dp, N)[:, :D]
-  return y_BLD, hT_BDN
+  # Padded steps have delta = 0 (no softplus) and keep = 1: the identity on the
+  # state. Padded channels have u = delta = A = 0 and are sliced off.
+  pad_l = lambda x, value=0.0: _pad(x, 1, Lp, value)
+  pad_d = lambda x, axis: _pad(x, axis, Dp)
+  if delta_softplus and Lp > L:
+    delta = jnp.where(jnp.arange(Lp)[:, None] < L, pad_l(delta), -jnp.inf).astype(delta.dtype)
+  else:
+    delta = pad_l(delta)
+  padded = dict(
+      u=pad_d(pad_l(u), 2), delta=pad_d(delta, 2), z=None if z is None else pad_d(pad_l(z), 2),
+      A=pad_d(A, 0), B=pad_l(B), C=pad_l(C), D=pad_d(D, 0), delta_bias=pad_d(delta_bias, 0),
+      keep=pad_l(keep, 1.0), h0=pad_d(h0, 1))
+  y, hT = _scan(Tiling(T, K, delta_softplus), **padded)
+  return y[:, :L, :Dch], hT[:, :Dch]
 
 
 def _pad(x, axis, size, value=0.0):
+  if x.shape[axis] == size:
+    return x
   widths = [(0, 0)] * x.ndim
   widths[axis] = (0, size - x.shape[axis])
   return jnp.pad(x, widths, constant_values=value)
 
 
-def _chunk(h_BKN, u_BTK, delta_BTK, A_KN, B_BTN, C_BTN, keep_BT):
-  y_BTK, h_BKN = associative.scan(u_BTK, delta_BTK, A_KN, B_BTN, C_BTN, keep_BT, h_BKN)
-  return h_BKN, y_BTK
+def doubling_scan(u, delta, A, B, C, keep, h0):
+  """The recurrence over one tile by recursive doubling (Hillis-Steele): log2(T)
+  steps, each composing every step's map with the one `shift` steps before it.
+
+  Shifts only, no strided slices: `lax.associative_scan` inside the dynamically
+  sliced tile loop gave wrong gradients under XLA:CPU (jax 0.10.2; the same
+  scan outside the loop, as the associative backend runs it, is right)."""
+  a, b = associative.discretize(u, delta, A, B, keep)
+  T, shift = a.shape[1], 1
+  while shift < T:
+    b = a * _shift(b, shift, 0.0) + b
+    a = a * _shift(a, shift, 1.0)
+    shift *= 2
+  h = b + a * h0[:, None]
+  return jnp.sum(h * C[:, :, None, :], axis=-1), h[:, -1]
 
 
-def _forward(u, delta, A, B, C, keep, h0):
-  def body(h, xs):
-    u_c, delta_c, B_c, C_c, keep_c = xs
-    return _chunk(h, u_c, delta_c, A, B_c, C_c, keep_c)
-  return jax.lax.scan(body, h0, (u, delta, B, C, keep))
+def _shift(x, n, fill):
+  """x moved n steps later along axis 1, the first n steps filled with `fill`."""
+  return jnp.concatenate([jnp.full_like(x[:, :n], fill), x[:, :-n]], axis=1)
 
 
-def _chunk_starts(u, delta, A, B, C, keep, h0):
-  """The state entering each chunk, (nc, b, K, N): the only N-sized residual."""
-  def body(h, xs):
-    u_c, delta_c, B_c, C_c, keep_c = xs
-    return _chunk(h, u_c, delta_c, A, B_c, C_c, keep_c)[0], h
-  return jax.lax.scan(body, h0, (u, delta, B, C, keep))[1]
+def _tile(h, u, delta, z, A, B, C, D, delta_bias, keep, delta_softplus):
+  """One tile, h (b, K, N) -> (h (b, K, N), y (b, T, K) in u's dtype)."""
+  run = common.backend(doubling_scan)
+  y, h = run(u, delta, A, B, C, D, z, delta_bias, delta_softplus, keep, h)
+  return h, y
 
 
-@jax.custom_vjp
-def _scan_block(u, delta, A, B, C, keep, h0):
-  """One block of K channels over all chunks. Chunk-major inputs:
-  u, delta (nc, b, T, K); A (K, N); B, C (nc, b, T, N); keep (nc, b, T); h0 (b, K, N).
-  Returns y (nc, b, T, K) and the final state (b, K, N)."""
-  hT, y = _forward(u, delta, A, B, C, keep, h0)
-  return y, hT
+class _Slicer:
+  """Reads and writes the tile (chunk c, channel block k) of the padded arrays."""
+
+  def __init__(self, tiling, k):
+    self.T, self.K, self.k = tiling.chunk, tiling.block, k
+
+  def channels(self, x, axis):  # a (..., Dp, ...) parameter -> its block
+    return None if x is None else jax.lax.dynamic_slice_in_dim(x, self.k * self.K, self.K, axis)
+
+  def steps(self, x, c):  # (b, Lp, ...) -> (b, T, ...)
+    return None if x is None else jax.lax.dynamic_slice_in_dim(x, c * self.T, self.T, 1)
+
+  def tile(self, x, c):  # (b, Lp, Dp) -> (b, T, K)
+    return None if x is None else self.channels(self.steps(x, c), 2)
+
+  def put(self, x, tile, c):
+    return jax.lax.dynamic_update_slice(x, tile.astype(x.dtype), (0, c * self.T, self.k * self.K))
+
+  def block_args(self, A, D, delta_bias, h0):
+    return (self.channels(A, 0), self.channels(D, 0), self.channels(delta_bias, 0),
+            self.channels(h0, 1))
 
 
-def _scan_block_fwd(u, delta, A, B, C, keep, h0):
-  return _scan_block(u, delta, A, B, C, keep, h0), (u, delta, A, B, C, keep, h0)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scan(tiling, u, delta, z, A, B, C, D, delta_bias, keep, h0):
+  b, Lp, Dp = u.shape
+  nc, nk = Lp // tiling.chunk, Dp // tiling.block
+
+  def block(k, carry):
+    y, hT = carry
+    s = _Slicer(tiling, k)
+    A_k, D_k, bias_k, h = s.block_args(A, D, delta_bias, h0)
+
+    def chunk(c, carry):
+      h, y = carry
+      h, y_c = _tile(h, s.tile(u, c), s.tile(delta, c), s.tile(z, c), A_k, s.steps(B, c),
+                     s.steps(C, c), D_k, bias_k, s.steps(keep, c), tiling.delta_softplus)
+      return h, s.put(y, y_c, c)
+
+    h, y = jax.lax.fori_loop(0, nc, chunk, (h, y))
+    return y, jax.lax.dynamic_update_slice_in_dim(hT, h, k * tiling.block, 1)
+
+  return jax.lax.fori_loop(0, nk, block, (jnp.zeros_like(u), jnp.zeros_like(h0)))
 
 
-def _scan_block_bwd(residuals, cotangents):
-  u, delta, A, B, C, keep, h0 = residuals
+def _scan_fwd(tiling, u, delta, z, A, B, C, D, delta_bias, keep, h0):
+  out = _scan(tiling, u, delta, z, A, B, C, D, delta_bias, keep, h0)
+  return out, (u, delta, z, A, B, C, D, delta_bias, keep, h0)
+
+
+def _scan_bwd(tiling, residuals, cotangents):
+  u, delta, z, A, B, C, D, delta_bias, keep, h0 = residuals
   dy, dhT = cotangents
-  h_starts = _chunk_starts(*residuals)
+  nc, nk = u.shape[1] // tiling.chunk, u.shape[2] // tiling.block
+  zeros32 = lambda x: None if x is None else jnp.zeros(x.shape, jnp.float32)
+  # Gradients of B and C sum over channel blocks: accumulate them in float32.
+  grads = dict(u=jnp.zeros_like(u), delta=jnp.zeros_like(delta),
+               z=None if z is None else jnp.zeros_like(z), A=zeros32(A), B=zeros32(B),
+               C=zeros32(C), D=zeros32(D), delta_bias=zeros32(delta_bias), h0=zeros32(h0))
 
-  def body(carry, xs):
-    dh, dA = carry
-    h, u_c, delta_c, B_c, C_c, keep_c, dy_c = xs
-    chunk = functools.partial(_chunk, keep_BT=keep_c)
-    _, vjp = jax.vjp(chunk, h, u_c, delta_c, A, B_c, C_c)
-    dh, du, ddelta, dA_c, dB, dC = vjp((dh, dy_c))
-    return (dh, dA + dA_c), (du, ddelta, dB, dC)
+  def block(k, grads):
+    s = _Slicer(tiling, k)
+    A_k, D_k, bias_k, h0_k = s.block_args(A, D, delta_bias, h0)
 
-  xs = (h_starts, u, delta, B, C, keep, dy)
-  (dh0, dA), (du, ddelta, dB, dC) = jax.lax.scan(
-      body, (dhT, jnp.zeros_like(A)), xs, reverse=True)
-  return du, ddelta, dA, dB, dC, jnp.zeros_like(keep), dh0
+    def tile_fn(c):
+      return functools.partial(_tile, keep=s.steps(keep, c), delta_softplus=tiling.delta_softplus)
+
+    def tile_args(c):
+      return (s.tile(u, c), s.tile(delta, c), s.tile(z, c), A_k, s.steps(B, c), s.steps(C, c),
+              D_k, bias_k)
+
+    def chunk_start(h, c):  # recompute the state entering each chunk
+      return tile_fn(c)(h, *tile_args(c))[0], h
+
+    starts = jax.lax.scan(chunk_start, h0_k, jnp.arange(nc))[1]
+
+    def chunk(i, carry):
+      c = nc - 1 - i
+      dh, g, dA, dD, dbias = carry
+      _, vjp = jax.vjp(tile_fn(c), starts[c], *tile_args(c))
+      dh, du, ddelta, dz, dA_c, dB, dC, dD_c, dbias_c = vjp((dh, s.tile(dy, c)))
+      g = dict(g, u=s.put(g["u"], du, c), delta=s.put(g["delta"], ddelta, c))
+      if dz is not None:
+        g["z"] = s.put(g["z"], dz, c)
+      for name, d in (("B", dB), ("C", dC)):
+        g[name] = jax.lax.dynamic_update_slice_in_dim(
+            g[name], s.steps(g[name], c) + d, c * tiling.chunk, 1)
+      return dh, g, dA + dA_c, dD + dD_c, dbias + dbias_c
+
+    zero_k = lambda x: jnp.zeros_like(x)
+    carry = (s.channels(dhT, 1), grads, zero_k(A_k), zero_k(D_k), zero_k(bias_k))
+    dh0, grads, dA, dD, dbias = jax.lax.fori_loop(0, nc, chunk, carry)
+    start = k * tiling.block
+    put = lambda x, v, axis: jax.lax.dynamic_update_slice_in_dim(x, v, start, axis)
+    return dict(grads, A=put(grads["A"], dA, 0), D=put(grads["D"], dD, 0),
+                delta_bias=put(grads["delta_bias"], dbias, 0), h0=put(grads["h0"], dh0, 1))
+
+  g = jax.lax.fori_loop(0, nk, block, grads)
+  return (g["u"], g["delta"], g["z"], g["A"], g["B"].astype(B.dtype), g["C"].astype(C.dtype),
+          g["D"], g["delta_bias"], jnp.zeros_like(keep), g["h0"])
 
 
-_scan_block.defvjp(_scan_block_fwd, _scan_block_bwd)
+_scan.defvjp(_scan_fwd, _scan_bwd)

@@ -6,24 +6,22 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ssm.scan import associative, chunked, reference
+from ssm.scan import associative, chunked, common, reference
 
 BACKENDS = {
-    "reference": reference.scan,
-    "associative": associative.scan,
+    "reference": common.backend(reference.scan),
+    "associative": common.backend(associative.scan),
     "chunked": chunked.scan,
 }
 IMPLS = ("auto", *BACKENDS)
 
 
-def default_impl(platform=None):
-  """The backend `impl="auto"` runs on a platform (cpu, gpu, tpu).
+def default_impl(platform):
+  """The backend `impl="auto"` runs on a platform ("cpu", "gpu", "tpu").
 
-  The chunked backend everywhere: on CPU it is the fastest at training sizes and
-  on accelerators the only unfused backend whose memory does not grow with N
-  (docs/benchmarks.md has the measurements)."""
-  del platform
-  return "chunked"
+  CPU: the sequential reference scan is the fastest there. Accelerators: the
+  chunked backend, whose memory does not grow with N (docs/benchmarks.md)."""
+  return "reference" if platform == "cpu" else "chunked"
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -62,18 +60,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
   elif chunk_size is not None or channel_block is not None:
     raise ValueError(f"chunk_size and channel_block apply to impl='chunked', not {impl!r}")
 
-  f32 = lambda x: None if x is None else jnp.asarray(x, jnp.float32)
-  u_f, B_f, C_f, A_f = f32(u), f32(B), f32(C), f32(A)
-  delta_f = _discretization_step(f32(delta), f32(delta_bias), delta_softplus)
-  if reset is None:
-    keep = jnp.ones((batch, length), jnp.float32)
-  else:
-    keep = 1.0 - jnp.asarray(reset, jnp.float32)
+  f32 = common.f32
+  keep = (jnp.ones((batch, length), jnp.float32) if reset is None
+          else 1.0 - reset.astype(jnp.float32))
   h0 = (jnp.zeros((batch, channels, A.shape[1]), jnp.float32)
         if initial_state is None else f32(initial_state))
-
-  y, final_state = backend(u_f, delta_f, A_f, B_f, C_f, keep, h0)
-  y = _output(y, u_f, f32(D), f32(z)).astype(u.dtype)
+  y, final_state = backend(u, delta, f32(A), B, C, f32(D), z, f32(delta_bias), delta_softplus,
+                           keep, h0)
   return (y, final_state) if return_final_state else y
 
 
@@ -99,25 +92,11 @@ def selective_state_update(state, x, delta, A, B, C, D=None, z=None, delta_bias=
   _check("D", D, (channels,), "(channels,)")
   _check("delta_bias", delta_bias, (channels,), "(channels,)")
 
-  f32 = lambda v: None if v is None else jnp.asarray(v, jnp.float32)
-  delta_f = _discretization_step(f32(delta), f32(delta_bias), delta_softplus)
+  f32 = common.f32
+  delta_f = common.discretize(f32(delta), f32(delta_bias), delta_softplus)
   keep = jnp.ones((batch,), jnp.float32)
   new_state, y = reference.step(f32(state), f32(x), delta_f, f32(A), f32(B), f32(C), keep)
-  return _output(y, f32(x), f32(D), f32(z)).astype(x.dtype), new_state
-
-
-def _discretization_step(delta, delta_bias, delta_softplus):
-  if delta_bias is not None:
-    delta = delta + delta_bias
-  return jax.nn.softplus(delta) if delta_softplus else delta
-
-
-def _output(y, u, D, z):
-  if D is not None:
-    y = y + D * u
-  if z is not None:
-    y = y * jax.nn.silu(z)
-  return y
+  return common.gate(y, f32(x), f32(D), f32(z)).astype(x.dtype), new_state
 
 
 def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, reset):

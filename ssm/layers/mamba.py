@@ -1,0 +1,163 @@
+"""The Mamba mixer, as the official `mamba_simple.py`: in_proj to x and z, causal
+depthwise conv1d with bias, SiLU, x_proj to (dt, B, C), dt_proj, softplus inside
+the scan, D skip and z gate, out_proj. With its official initialisation, and a
+one-token `step` for decoding from a cache (conv state + SSM state).
+
+Shapes: B batch, L length, D d_model, E d_inner = expand * d_model, N d_state,
+R dt_rank, K d_conv.
+"""
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ssm.scan import selective_scan, selective_state_update
+
+
+@dataclasses.dataclass(frozen=True)
+class MambaConfig:
+  """Mixer hyperparameters; the defaults are the official ones."""
+  d_state: int = 16
+  d_conv: int = 4
+  expand: int = 2
+  dt_rank: int | str = "auto"  # "auto": ceil(d_model / 16)
+  dt_min: float = 1e-3
+  dt_max: float = 0.1
+  dt_init: str = "random"  # or "constant"
+  dt_scale: float = 1.0
+  dt_init_floor: float = 1e-4
+  conv_bias: bool = True
+  bias: bool = False  # in_proj and out_proj
+  scan_impl: str = "auto"  # see ssm.scan.selective_scan
+
+
+class MambaCache(NamedTuple):
+  conv: jax.Array  # (B, K-1, E): the last K-1 conv inputs, oldest first
+  ssm: jax.Array  # (B, E, N) float32
+
+
+def torch_linear_init():
+  """PyTorch's default nn.Linear / nn.Conv1d weight init: U(+-1/sqrt(fan_in))."""
+  return nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def uniform(bound):
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def causal_conv1d(x_BLE, weight_KE, bias_E=None, reset_BL=None):
+  """Depthwise causal convolution: y_t = sum_k w_k x_{t-K+1+k} (+ bias).
+
+  Where `reset` marks a document start, taps never reach into the previous
+  document. Accumulates in float32; returns x's dtype."""
+  K = weight_KE.shape[0]
+  L = x_BLE.shape[1]
+  x_pad = jnp.pad(x_BLE.astype(jnp.float32), ((0, 0), (K - 1, 0), (0, 0)))
+  w = weight_KE.astype(jnp.float32)
+  if reset_BL is not None:
+    doc_BL = jnp.cumsum(reset_BL, axis=1)
+    doc_pad = jnp.pad(doc_BL, ((0, 0), (K - 1, 0)), constant_values=-1)
+  y = jnp.zeros(x_BLE.shape, jnp.float32)
+  for k in range(K):
+    tap = x_pad[:, k:k + L] * w[k]
+    if reset_BL is not None:
+      tap = jnp.where((doc_pad[:, k:k + L] == doc_BL)[..., None], tap, 0.0)
+    y = y + tap
+  if bias_E is not None:
+    y = y + bias_E.astype(jnp.float32)
+  return y.astype(x_BLE.dtype)
+
+
+class Mamba(nnx.Module):
+  """The Mamba mixer, (B, L, D) -> (B, L, D)."""
+
+  def __init__(self, d_model, config: MambaConfig = MambaConfig(), *, n_layer=1,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    c = config
+    self.config, self.dtype = c, dtype
+    self.d_inner = E = c.expand * d_model
+    self.dt_rank = R = math.ceil(d_model / 16) if c.dt_rank == "auto" else c.dt_rank
+    N, K = c.d_state, c.d_conv
+    linear = lambda i, o, **kw: nnx.Linear(i, o, dtype=dtype, param_dtype=param_dtype,
+                                           rngs=rngs, **kw)
+    self.in_proj = linear(d_model, 2 * E, use_bias=c.bias, kernel_init=torch_linear_init())
+    self.conv_weight = nnx.Param(uniform(1 / math.sqrt(K))(rngs.params(), (K, E), param_dtype))
+    self.conv_bias = (nnx.Param(uniform(1 / math.sqrt(K))(rngs.params(), (E,), param_dtype))
+                      if c.conv_bias else None)
+    self.x_proj = linear(E, R + 2 * N, use_bias=False, kernel_init=torch_linear_init())
+    dt_std = R**-0.5 * c.dt_scale
+    dt_kernel_init = (nnx.initializers.constant(dt_std) if c.dt_init == "constant"
+                      else uniform(dt_std))
+    self.dt_proj = linear(R, E, use_bias=True, kernel_init=dt_kernel_init,
+                          bias_init=self._dt_bias_init)
+    # S4D-real: A = -(1, 2, ..., N) in every channel. A_log and D stay float32.
+    self.A_log = nnx.Param(jnp.log(jnp.tile(jnp.arange(1, N + 1, dtype=jnp.float32), (E, 1))))
+    self.D = nnx.Param(jnp.ones((E,), jnp.float32))
+    # GPT-2 style: the residual branch's last projection scaled by 1/sqrt(n_layer).
+    out_init = nnx.initializers.variance_scaling(1 / (3 * n_layer), "fan_in", "uniform")
+    self.out_proj = linear(E, d_model, use_bias=c.bias, kernel_init=out_init)
+
+  def _dt_bias_init(self, key, shape, dtype=jnp.float32):
+    """softplus^-1 of dt ~ log-uniform in [dt_min, dt_max], clamped at the floor."""
+    c = self.config
+    log_min, log_max = math.log(c.dt_min), math.log(c.dt_max)
+    dt = jnp.exp(jax.random.uniform(key, shape, jnp.float32) * (log_max - log_min) + log_min)
+    dt = jnp.maximum(dt, c.dt_init_floor)
+    return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
+  def _ssm_params(self):
+    return -jnp.exp(self.A_log[...].astype(jnp.float32)), self.D[...].astype(jnp.float32)
+
+  def _split_x_dbl(self, x_dbl):
+    R, N = self.dt_rank, self.config.d_state
+    dt, B, C = jnp.split(x_dbl, [R, R + N], axis=-1)
+    # dt_proj's bias is added inside the scan, in float32, as delta_bias.
+    return dt @ self.dt_proj.kernel[...].astype(self.dtype), B, C
+
+  def __call__(self, x_BLD, reset_BL=None, *, return_cache=False):
+    """With `return_cache`, also the MambaCache after the last position."""
+    E, K = self.d_inner, self.config.d_conv
+    xz_BL2E = self.in_proj(x_BLD)
+    x_BLE, z_BLE = jnp.split(xz_BL2E, [E], axis=-1)
+    conv_bias = None if self.conv_bias is None else self.conv_bias[...]
+    xc_BLE = jax.nn.silu(causal_conv1d(x_BLE, self.conv_weight[...], conv_bias, reset_BL))
+    dt_BLE, B_BLN, C_BLN = self._split_x_dbl(self.x_proj(xc_BLE))
+    A_EN, D_E = self._ssm_params()
+    y_BLE, h_BEN = selective_scan(
+        xc_BLE, dt_BLE, A_EN, B_BLN, C_BLN, D_E, z_BLE,
+        delta_bias=self.dt_proj.bias[...].astype(jnp.float32), delta_softplus=True,
+        return_final_state=True, impl=self.config.scan_impl, reset=reset_BL)
+    out_BLD = self.out_proj(y_BLE)
+    if not return_cache:
+      return out_BLD
+    conv_BKE = jnp.pad(x_BLE, ((0, 0), (K - 1, 0), (0, 0)))[:, -(K - 1):]
+    if reset_BL is not None:  # only the last document's inputs reach later tokens
+      doc_BL = jnp.cumsum(reset_BL, axis=1)
+      in_last = jnp.pad(doc_BL == doc_BL[:, -1:], ((0, 0), (K - 1, 0)))[:, -(K - 1):]
+      conv_BKE = jnp.where(in_last[..., None], conv_BKE, 0)
+    return out_BLD, MambaCache(conv_BKE, h_BEN)
+
+  def init_cache(self, batch):
+    E, K, N = self.d_inner, self.config.d_conv, self.config.d_state
+    return MambaCache(jnp.zeros((batch, K - 1, E), self.dtype), jnp.zeros((batch, E, N)))
+
+  def step(self, x_BD, cache: MambaCache):
+    """One token: (B, D) -> (B, D), and the updated cache."""
+    E = self.d_inner
+    x_BE, z_BE = jnp.split(self.in_proj(x_BD), [E], axis=-1)
+    window_BKE = jnp.concatenate([cache.conv, x_BE[:, None].astype(cache.conv.dtype)], axis=1)
+    xc_BE = jnp.sum(window_BKE.astype(jnp.float32) * self.conv_weight[...].astype(jnp.float32),
+                    axis=1)
+    if self.conv_bias is not None:
+      xc_BE = xc_BE + self.conv_bias[...].astype(jnp.float32)
+    xc_BE = jax.nn.silu(xc_BE).astype(x_BE.dtype)
+    dt_BE, B_BN, C_BN = self._split_x_dbl(self.x_proj(xc_BE))
+    A_EN, D_E = self._ssm_params()
+    y_BE, ssm_BEN = selective_state_update(
+        cache.ssm, xc_BE, dt_BE, A_EN, B_BN, C_BN, D_E, z_BE,
+        delta_bias=self.dt_proj.bias[...].astype(jnp.float32))
+    return self.out_proj(y_BE), MambaCache(window_BKE[:, 1:], ssm_BEN)

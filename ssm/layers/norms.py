@@ -1,0 +1,19 @@
+"""Normalisation layers. Statistics in float32 whatever the input dtype."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class RMSNorm(nnx.Module):
+  """x / sqrt(mean(x^2) + eps) * weight, as mamba_ssm's and Llama's RMSNorm."""
+
+  def __init__(self, dim, *, eps=1e-5, param_dtype=jnp.float32):
+    self.eps = eps
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+
+  def __call__(self, x, dtype=None):
+    """Normalises the last axis; returns `dtype` (default: x's dtype)."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (y * self.weight[...].astype(jnp.float32)).astype(dtype or x.dtype)
