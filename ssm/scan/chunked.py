@@ -20,8 +20,8 @@ import jax.numpy as jnp
 
 from ssm.scan import associative, common
 
-DEFAULT_CHUNK_SIZE = 32
-WORKING_SET = 1 << 17  # elements of one (batch, T, K, state) tile: 512 KiB in float32
+DEFAULT_CHUNK_SIZE = 16
+WORKING_SET = 1 << 16  # elements of one (batch, T, K, state) tile: 256 KiB in float32
 
 
 class Tiling(NamedTuple):
