@@ -1,0 +1,24 @@
+"""ssm-info: counts from the abstract model, clear errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from ssm.info import main
+
+
+def test_info_prints_the_exact_count(capsys):
+  assert main(["mamba-130m"]) == 0
+  out = capsys.readouterr().out
+  assert "129,135,360" in out and "90,520,320" in out and "padded to 50280" in out
+
+
+def test_unknown_preset_lists_the_known_ones(capsys):
+  assert main(["mamba-9b"]) == 2
+  assert "known presets: mamba-130m" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+  script = Path(sys.executable).parent / "ssm-info"
+  out = subprocess.run([script, "--list"], capture_output=True, text=True, check=True).stdout
+  assert out.split() == ["mamba-130m", "mamba-370m", "mamba-790m", "mamba-1.4b", "mamba-2.8b"]
