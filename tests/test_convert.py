@@ -66,3 +66,21 @@ def test_bad_checkpoints_get_clear_errors(hf_mamba, tmp_path):
     load_hf(empty)
   with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
     load_hf(tmp_path / "missing")
+
+
+def test_hub_names_go_through_snapshot_download(hf_mamba, monkeypatch):
+  """No network here: the hub fetch is replaced by the local checkpoint, which
+  exercises the same resolution code a connected machine runs."""
+  huggingface_hub = require("huggingface_hub")
+  from ssm.convert import load_hf
+  _, path = hf_mamba
+  calls = []
+
+  def fake_snapshot_download(name, revision=None, allow_patterns=None):
+    calls.append((name, revision, tuple(allow_patterns)))
+    return str(path)
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+  model = load_hf("state-spaces/mamba-130m-hf")
+  assert calls == [("state-spaces/mamba-130m-hf", None, ("*.json", "*.safetensors"))]
+  assert model(np.zeros((1, 3), np.int32)).shape == (1, 3, 104)

@@ -211,6 +211,26 @@ def test_reset_equals_separate_documents():
                                atol=1e-5)
 
 
+def test_backends_agree_inside_a_scanned_layer_stack():
+  """As under nnx.scan over layers: the scan's inputs sliced from stacked arrays."""
+  rng = np.random.default_rng(2)
+  layers, b, L, d, n = 3, 2, 24, 4, 3
+  arr = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  xs = (arr(layers, b, L, d), arr(layers, b, L, d), -jnp.exp(arr(layers, d, n)),
+        arr(layers, b, L, n), arr(layers, b, L, n))
+
+  def grads(impl):
+    def loss(*xs):
+      body = lambda acc, x: (acc + jnp.sum(jnp.sin(selective_scan(*x, impl=impl))), None)
+      return jax.lax.scan(body, 0.0, xs)[0]
+    return jax.jit(jax.grad(loss, argnums=range(5)))(*xs)
+
+  expected = grads("reference")
+  for impl in ("associative", "chunked"):
+    for g, e in zip(grads(impl), expected):
+      np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * float(jnp.abs(e).max()))
+
+
 def test_state_update_is_one_scan_step():
   """Stepping the state through the sequence reproduces the scan and its final state."""
   rng = np.random.default_rng(5)

@@ -62,7 +62,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
   f32 = common.f32
   keep = (jnp.ones((batch, length), jnp.float32) if reset is None
-          else 1.0 - reset.astype(jnp.float32))
+          else 1.0 - reset.astype(bool).astype(jnp.float32))
   h0 = (jnp.zeros((batch, channels, A.shape[1]), jnp.float32)
         if initial_state is None else f32(initial_state))
   y, final_state = backend(u, delta, f32(A), B, C, f32(D), z, f32(delta_bias), delta_softplus,
