@@ -12,7 +12,7 @@ from ssm.layers import Mamba, MambaConfig, causal_conv1d
 
 
 def make(d_model=24, n_layer=3, seed=0, **kw):
-  return Mamba(d_model, MambaConfig(**kw), n_layer=n_layer, rngs=nnx.Rngs(seed))
+  return Mamba(d_model, MambaConfig(**kw), n_residuals=n_layer, rngs=nnx.Rngs(seed))
 
 
 def test_official_initialisation():
@@ -100,7 +100,7 @@ def _prefix_cache(m, x):
 
 def test_bfloat16_compute_is_close_to_float32():
   m32 = make(seed=3)
-  m16 = Mamba(24, MambaConfig(), n_layer=3, dtype=jnp.bfloat16, rngs=nnx.Rngs(3))
+  m16 = Mamba(24, MambaConfig(), n_residuals=3, dtype=jnp.bfloat16, rngs=nnx.Rngs(3))
   x = jax.random.normal(jax.random.key(4), (2, 17, 24))
   y16 = m16(x.astype(jnp.bfloat16))
   assert y16.dtype == jnp.bfloat16

@@ -75,7 +75,7 @@ def causal_conv1d(x_BLE, weight_KE, bias_E=None, reset_BL=None):
 class Mamba(nnx.Module):
   """The Mamba mixer, (B, L, D) -> (B, L, D)."""
 
-  def __init__(self, d_model, config: MambaConfig = MambaConfig(), *, n_layer=1,
+  def __init__(self, d_model, config: MambaConfig = MambaConfig(), *, n_residuals=1,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     c = config
     self.config, self.dtype = c, dtype
@@ -97,8 +97,9 @@ class Mamba(nnx.Module):
     # S4D-real: A = -(1, 2, ..., N) in every channel. A_log and D stay float32.
     self.A_log = nnx.Param(jnp.log(jnp.tile(jnp.arange(1, N + 1, dtype=jnp.float32), (E, 1))))
     self.D = nnx.Param(jnp.ones((E,), jnp.float32))
-    # GPT-2 style: the residual branch's last projection scaled by 1/sqrt(n_layer).
-    out_init = nnx.initializers.variance_scaling(1 / (3 * n_layer), "fan_in", "uniform")
+    # GPT-2 style: the residual branch's last projection scaled by 1/sqrt(n_residuals),
+    # the number of residual branches in the model (n_layer for a pure Mamba LM).
+    out_init = nnx.initializers.variance_scaling(1 / (3 * n_residuals), "fan_in", "uniform")
     self.out_proj = linear(E, d_model, use_bias=c.bias, kernel_init=out_init)
 
   def _dt_bias_init(self, key, shape, dtype=jnp.float32):
@@ -118,8 +119,10 @@ class Mamba(nnx.Module):
     # dt_proj's bias is added inside the scan, in float32, as delta_bias.
     return dt @ self.dt_proj.kernel[...].astype(self.dtype), B, C
 
-  def __call__(self, x_BLD, reset_BL=None, *, return_cache=False):
-    """With `return_cache`, also the MambaCache after the last position."""
+  def __call__(self, x_BLD, reset_BL=None, *, positions_BL=None, return_cache=False,
+               max_length=None):
+    """With `return_cache`, also the MambaCache after the last position.
+    (`positions_BL` and `max_length` are the mixer interface's; Mamba needs neither.)"""
     E, K = self.d_inner, self.config.d_conv
     xz_BL2E = self.in_proj(x_BLD)
     x_BLE, z_BLE = jnp.split(xz_BL2E, [E], axis=-1)
@@ -141,11 +144,11 @@ class Mamba(nnx.Module):
       conv_BKE = jnp.where(in_last[..., None], conv_BKE, 0)
     return out_BLD, MambaCache(conv_BKE, h_BEN)
 
-  def init_cache(self, batch):
+  def init_cache(self, batch, max_length=None):
     E, K, N = self.d_inner, self.config.d_conv, self.config.d_state
     return MambaCache(jnp.zeros((batch, K - 1, E), self.dtype), jnp.zeros((batch, E, N)))
 
-  def step(self, x_BD, cache: MambaCache):
+  def step(self, x_BD, cache: MambaCache, position=None):
     """One token: (B, D) -> (B, D), and the updated cache."""
     E = self.d_inner
     x_BE, z_BE = jnp.split(self.in_proj(x_BD), [E], axis=-1)

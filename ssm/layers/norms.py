@@ -17,3 +17,28 @@ class RMSNorm(nnx.Module):
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
     return (y * self.weight[...].astype(jnp.float32)).astype(dtype or x.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """(x - mean) / sqrt(var + eps) * weight + bias, statistics in float32."""
+
+  def __init__(self, dim, *, eps=1e-5, param_dtype=jnp.float32):
+    self.eps = eps
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+
+  def __call__(self, x, dtype=None):
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.weight[...] + self.bias[...]).astype(dtype or x.dtype)
+
+
+def make_norm(kind, dim, eps):
+  """"rms" or "layer"."""
+  if kind == "rms":
+    return RMSNorm(dim, eps=eps)
+  if kind == "layer":
+    return LayerNorm(dim, eps=eps)
+  raise ValueError(f"norm {kind!r}: expected 'rms' or 'layer'")

@@ -1,20 +1,30 @@
-"""Language models: embedding, pre-norm residual blocks, final norm, tied head.
+"""Language models: Mamba, Transformer (Transformer++ / GPT-2) and hybrids share one
+skeleton, so that the mixer is the only difference.
 
-As mamba_ssm's MixerModel: each block is Add -> RMSNorm -> mixer, the residual
-stream kept in float32, the vocabulary padded to a multiple of 8 (logits cover
-the padded vocabulary, as in the official code).
+As mamba_ssm's MixerModel: embedding (plus learned positions for GPT-2), blocks of
+Add -> Norm -> mixer (-> Add -> Norm -> MLP), the residual stream kept in float32,
+a final norm and the head, tied to the embedding by default. The vocabulary is
+padded to a multiple of 8; logits cover the padded vocabulary, as in the official
+code. `pattern` names each layer's mixer: "M" Mamba, "A" attention, tiled over the
+layers ("MMA" with 6 layers is MMAMMA).
 """
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ssm.layers import Mamba, MambaConfig, RMSNorm
+from ssm.layers import Mamba, MambaConfig
+from ssm.layers.attention import Attention, AttentionConfig
+from ssm.layers.mlp import MLP
+from ssm.layers.mamba import torch_linear_init
+from ssm.layers.norms import make_norm
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+MIXERS = {"M": "Mamba", "A": "attention"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,98 +32,219 @@ class LMConfig:
   d_model: int
   n_layer: int
   vocab_size: int
-  pad_vocab_size_multiple: int = 8
+  pattern: str = "M"  # one letter per layer, tiled: "M" Mamba, "A" attention
+  mlp: str = "none"  # "none", "swiglu", "gelu", "gelu_tanh"
+  d_intermediate: int = 0
+  norm: str = "rms"  # "rms" or "layer"
   norm_eps: float = 1e-5
-  residual_in_fp32: bool = True
+  positions: str = "none"  # "none" or "learned" (GPT-2)
+  max_position_embeddings: int = 0
   tie_embeddings: bool = True
+  pad_vocab_size_multiple: int = 8
+  residual_in_fp32: bool = True
+  linear_init: str = "torch"  # "torch": U(+-1/sqrt(fan_in)) as mamba_ssm; "normal": N(0, 0.02)
   initializer_range: float = 0.02
   dtype: str = "float32"  # compute dtype; parameters are float32
   mamba: MambaConfig = MambaConfig()
+  attention: AttentionConfig = AttentionConfig()
+
+  def __post_init__(self):
+    if not self.pattern or set(self.pattern) - set(MIXERS):
+      raise ValueError(f"pattern {self.pattern!r}: use the letters {dict(MIXERS)}")
+    if self.mlp != "none" and self.d_intermediate <= 0:
+      raise ValueError(f"mlp {self.mlp!r} needs d_intermediate > 0")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"dtype {self.dtype!r}: expected one of {list(DTYPES)}")
+    if self.positions not in ("none", "learned"):
+      raise ValueError(f"positions {self.positions!r}: expected 'none' or 'learned'")
 
   @property
   def padded_vocab_size(self):
     m = self.pad_vocab_size_multiple
     return math.ceil(self.vocab_size / m) * m
 
+  @property
+  def layer_mixers(self):
+    return "".join(self.pattern[i % len(self.pattern)] for i in range(self.n_layer))
+
   def replace(self, **kw):
     return dataclasses.replace(self, **kw)
 
 
+class LMCache(NamedTuple):
+  layers: list  # one MambaCache or KVCache per layer
+  position: jax.Array  # int32 scalar: the position of the next token
+
+
+def document_positions(reset_BL, length):
+  """Positions that restart at 0 where a packed document starts."""
+  t = jnp.arange(length)
+  if reset_BL is None:
+    return t[None]
+  start = jax.lax.cummax(jnp.where(reset_BL, t, 0), axis=1)
+  return t - start
+
+
 class Block(nnx.Module):
-  """Add -> RMSNorm -> mixer; returns (mixer output, residual)."""
+  """Add -> Norm -> mixer (-> Add -> Norm -> MLP); returns (branch output, residual).
 
-  def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
-    self.residual_in_fp32 = config.residual_in_fp32
-    self.dtype = DTYPES[config.dtype]
-    self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
-    self.mixer = Mamba(config.d_model, config.mamba, n_layer=config.n_layer, dtype=self.dtype,
-                       rngs=rngs)
+  Carrying the residual apart from the branch output is mamba_ssm's form of a
+  pre-norm block; it is the same function as x + mixer(norm(x)). `layer_scale`
+  (ViTs) multiplies each branch's output by a learned per-channel vector."""
 
-  def _residual(self, h, residual):
+  def __init__(self, mixer, d_model, *, norm, norm_eps, mlp=None, layer_scale=None,
+               residual_in_fp32=True, dtype=jnp.float32):
+    self.residual_in_fp32, self.dtype = residual_in_fp32, dtype
+    self.norm = make_norm(norm, d_model, norm_eps)
+    self.mixer = mixer
+    self.norm2 = make_norm(norm, d_model, norm_eps) if mlp is not None else None
+    self.mlp = mlp
+    scale = lambda: nnx.Param(jnp.full((d_model,), layer_scale, jnp.float32))
+    self.layer_scale1 = scale() if layer_scale is not None else None
+    self.layer_scale2 = scale() if layer_scale is not None and mlp is not None else None
+
+  def _add(self, h, residual):
     residual = h if residual is None else h + residual
     return residual.astype(jnp.float32) if self.residual_in_fp32 else residual
 
-  def __call__(self, h_BLD, residual_BLD, reset_BL=None, return_cache=False):
-    residual_BLD = self._residual(h_BLD, residual_BLD)
-    out = self.mixer(self.norm(residual_BLD, self.dtype), reset_BL, return_cache=return_cache)
-    return (*out, residual_BLD) if return_cache else (out, residual_BLD)
+  @staticmethod
+  def _scale(h, scale):
+    return h if scale is None else (h * scale[...]).astype(h.dtype)
 
-  def step(self, h_BD, residual_BD, cache):
-    residual_BD = self._residual(h_BD, residual_BD)
-    h_BD, cache = self.mixer.step(self.norm(residual_BD, self.dtype), cache)
-    return h_BD, residual_BD, cache
+  def __call__(self, h, residual, reset_BL=None, positions_BL=None, *, return_cache=False,
+               max_length=None, return_weights=False):
+    """Returns (h, residual, extras) where extras holds the cache and/or the
+    attention weights when asked for."""
+    residual = self._add(h, residual)
+    kw = dict(positions_BL=positions_BL, return_cache=return_cache, max_length=max_length)
+    if return_weights:
+      kw["return_weights"] = True
+    out = self.mixer(self.norm(residual, self.dtype), reset_BL, **kw)
+    h, extras = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())
+    h = self._scale(h, self.layer_scale1)
+    if self.mlp is not None:
+      residual = self._add(h, residual)
+      h = self._scale(self.mlp(self.norm2(residual, self.dtype)), self.layer_scale2)
+    return h, residual, extras
+
+  def step(self, h, residual, cache, position):
+    residual = self._add(h, residual)
+    h, cache = self.mixer.step(self.norm(residual, self.dtype), cache, position)
+    h = self._scale(h, self.layer_scale1)
+    if self.mlp is not None:
+      residual = self._add(h, residual)
+      h = self._scale(self.mlp(self.norm2(residual, self.dtype)), self.layer_scale2)
+    return h, residual, cache
+
+
+def linear_inits(config: LMConfig, n_residuals):
+  """(kernel init, residual-branch output init): the output projections of every
+  residual branch scaled by 1/sqrt(n_residuals), as mamba_ssm and GPT-2 do."""
+  if config.linear_init == "torch":
+    out = nnx.initializers.variance_scaling(1 / (3 * n_residuals), "fan_in", "uniform")
+    return torch_linear_init(), out
+  if config.linear_init == "normal":
+    std = config.initializer_range
+    return nnx.initializers.normal(std), nnx.initializers.normal(std / math.sqrt(n_residuals))
+  raise ValueError(f"linear_init {config.linear_init!r}: expected 'torch' or 'normal'")
+
+
+def make_block(config: LMConfig, kind, *, rngs):
+  dtype = DTYPES[config.dtype]
+  n_residuals = config.n_layer * (2 if config.mlp != "none" else 1)
+  kernel_init, out_init = linear_inits(config, n_residuals)
+  if kind == "M":
+    mixer = Mamba(config.d_model, config.mamba, n_residuals=n_residuals, dtype=dtype, rngs=rngs)
+  else:
+    mixer = Attention(config.d_model, config.attention, causal=True, kernel_init=kernel_init,
+                      out_init=out_init, dtype=dtype, rngs=rngs)
+  mlp = None
+  if config.mlp != "none":
+    mlp = MLP(config.d_model, config.d_intermediate, config.mlp, kernel_init=kernel_init,
+              out_init=out_init, dtype=dtype, rngs=rngs)
+  return Block(mixer, config.d_model, norm=config.norm, norm_eps=config.norm_eps, mlp=mlp,
+               residual_in_fp32=config.residual_in_fp32, dtype=dtype)
 
 
 class LanguageModel(nnx.Module):
   """token ids (B, L) -> logits (B, L, padded vocab), float32."""
 
   def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
-    if not config.tie_embeddings:
-      raise NotImplementedError("untied embeddings: set tie_embeddings=True")
     self.config = config
     self.dtype = DTYPES[config.dtype]
-    self.embedding = nnx.Embed(
-        config.padded_vocab_size, config.d_model, dtype=self.dtype,
-        embedding_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
-    self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layer)])
-    self.norm_f = RMSNorm(config.d_model, eps=config.norm_eps)
+    emb_init = nnx.initializers.normal(config.initializer_range)
+    V, D = config.padded_vocab_size, config.d_model
+    self.embedding = nnx.Embed(V, D, dtype=self.dtype, embedding_init=emb_init, rngs=rngs)
+    self.position_embedding = None
+    if config.positions == "learned":
+      self.position_embedding = nnx.Embed(config.max_position_embeddings, D, dtype=self.dtype,
+                                          embedding_init=emb_init, rngs=rngs)
+    self.layers = nnx.List([make_block(config, kind, rngs=rngs) for kind in config.layer_mixers])
+    self.norm_f = make_norm(config.norm, D, config.norm_eps)
+    self.lm_head = None
+    if not config.tie_embeddings:
+      self.lm_head = nnx.Linear(D, V, use_bias=False, dtype=self.dtype,
+                                kernel_init=linear_inits(config, 1)[0], rngs=rngs)
+
+  def _embed(self, ids, positions):
+    h = self.embedding(ids)
+    if self.position_embedding is not None:
+      # Beyond max_position_embeddings the lookup gives NaN (jnp.take's fill), never a clip.
+      h = h + self.position_embedding(positions)
+    return h
 
   def _logits(self, h, residual):
     h = self.norm_f(h + residual, self.dtype)
-    return self.embedding.attend(h).astype(jnp.float32)
+    logits = self.embedding.attend(h) if self.lm_head is None else self.lm_head(h)
+    return logits.astype(jnp.float32)
 
-  def __call__(self, ids_BL, reset_BL=None, *, return_cache=False):
-    """`reset` (B, L) bool marks document starts in packed rows. With
-    `return_cache`, also the decoding cache after the last position."""
+  def __call__(self, ids_BL, reset_BL=None, *, return_cache=False, max_length=None):
+    """`reset` (B, L) bool marks document starts in packed rows (positions and
+    state restart there). With `return_cache`, also the LMCache after the last
+    position; attention layers keep `max_length` positions in it."""
     if ids_BL.ndim != 2:
       raise ValueError(f"ids: expected (batch, length) token ids, got shape {ids_BL.shape}")
-    h, residual, caches = self.embedding(ids_BL), None, []
+    B, L = ids_BL.shape
+    self._check_length(L)
+    positions = jnp.broadcast_to(document_positions(reset_BL, L), (B, L))
+    h, residual, caches = self._embed(ids_BL, positions), None, []
     for layer in self.layers:
-      out = layer(h, residual, reset_BL, return_cache=return_cache)
-      if return_cache:
-        h, cache, residual = out
-        caches.append(cache)
-      else:
-        h, residual = out
+      h, residual, extras = layer(h, residual, reset_BL, positions, return_cache=return_cache,
+                                  max_length=max_length)
+      caches.extend(extras)
     logits = self._logits(h, residual)
-    return (logits, caches) if return_cache else logits
+    if return_cache:
+      return logits, LMCache(caches, jnp.asarray(L, jnp.int32))
+    return logits
 
-  def init_cache(self, batch):
-    return [layer.mixer.init_cache(batch) for layer in self.layers]
+  def _check_length(self, length):
+    max_pos = self.config.max_position_embeddings
+    if self.position_embedding is not None and length > max_pos:
+      raise ValueError(f"length {length} exceeds max_position_embeddings {max_pos}")
 
-  def step(self, ids_B, cache):
+  def init_cache(self, batch, max_length=None):
+    layers = [layer.mixer.init_cache(batch, max_length) for layer in self.layers]
+    return LMCache(layers, jnp.asarray(0, jnp.int32))
+
+  def step(self, ids_B, cache: LMCache):
     """One token per row: ids (B,) -> logits (B, padded vocab) and the new cache."""
-    h, residual, new_cache = self.embedding(ids_B), None, []
-    for layer, c in zip(self.layers, cache):
-      h, residual, c = layer.step(h, residual, c)
-      new_cache.append(c)
-    return self._logits(h, residual), new_cache
+    position = cache.position
+    h, residual, new = self._embed(ids_B, position), None, []
+    for layer, c in zip(self.layers, cache.layers):
+      h, residual, c = layer.step(h, residual, c, position)
+      new.append(c)
+    return self._logits(h, residual), LMCache(new, position + 1)
 
 
-def param_count(config: LMConfig, embeddings=True):
-  """Exact parameter count from the model's abstract shapes (nothing allocated)."""
-  model = nnx.eval_shape(lambda: LanguageModel(config, rngs=nnx.Rngs(0)))
+def param_count(config, embeddings=True, model_cls=None):
+  """Exact parameter count from the model's abstract shapes (nothing allocated).
+  Without `embeddings`, the token and position embeddings are left out."""
+  model_cls = model_cls or LanguageModel
+  model = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
   total = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   if not embeddings:
-    total -= math.prod(model.embedding.embedding.shape)
+    for name in ("embedding", "position_embedding"):
+      emb = getattr(model, name, None)
+      if emb is not None:
+        total -= math.prod(emb.embedding.shape)
   return total
