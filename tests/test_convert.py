@@ -84,3 +84,56 @@ def test_hub_names_go_through_snapshot_download(hf_mamba, monkeypatch):
   model = load_hf("state-spaces/mamba-130m-hf")
   assert calls == [("state-spaces/mamba-130m-hf", None, ("*.json", "*.safetensors"))]
   assert model(np.zeros((1, 3), np.int32)).shape == (1, 3, 104)
+
+
+def _save(tmp_path_factory, name, model):
+  path = tmp_path_factory.mktemp(name)
+  model.save_pretrained(path)
+  return path
+
+
+def _perturb(model, torch, skip=("lm_head.weight",)):
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name not in skip:
+        p.add_(0.05 * torch.randn_like(p))
+  return model
+
+
+def _check_lm_parity(hf_model, path, vocab, torch, length=17):
+  from ssm.convert import load_hf
+  ids = np.random.default_rng(1).integers(0, vocab, size=(2, length))
+  with torch.no_grad():
+    expected = hf_model(torch.tensor(ids)).logits.numpy()
+  model = load_hf(path)
+  logits = np.asarray(model(ids))
+  err = np.abs(logits - expected).max() / np.abs(expected).max()
+  assert logits.shape == expected.shape and err < 1e-4, f"relative error {err:.2e}"
+  # KV-cache decoding from the imported model gives the full pass's logits
+  logits, cache = model(ids[:, :9], return_cache=True, max_length=length)
+  for t in range(9, length):
+    step_logits, cache = model.step(ids[:, t], cache)
+    err = np.abs(np.asarray(step_logits) - expected[:, t]).max() / np.abs(expected).max()
+    assert err < 1e-4, f"decode step {t}: relative error {err:.2e}"
+
+
+def test_gpt2_logits_match_transformers(tmp_path_factory):
+  torch, transformers = require("torch"), require("transformers")
+  torch.manual_seed(1)
+  config = transformers.GPT2Config(vocab_size=99, n_positions=32, n_embd=48, n_layer=2,
+                                   n_head=4)
+  model = _perturb(transformers.GPT2LMHeadModel(config).eval(), torch)
+  _check_lm_parity(model, _save(tmp_path_factory, "gpt2", model), 99, torch)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_llama_logits_match_transformers(tmp_path_factory, tied):
+  torch, transformers = require("torch"), require("transformers")
+  torch.manual_seed(2)
+  config = transformers.LlamaConfig(
+      vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+      rms_norm_eps=1e-5, tie_word_embeddings=tied)
+  skip = ("lm_head.weight",) if tied else ()
+  model = _perturb(transformers.LlamaForCausalLM(config).eval(), torch, skip)
+  _check_lm_parity(model, _save(tmp_path_factory, "llama", model), 101, torch)

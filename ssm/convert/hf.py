@@ -5,8 +5,10 @@
 "state-spaces/mamba-130m-hf". Weights are read with safetensors (no torch).
 """
 
+import fnmatch
 import json
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -14,12 +16,16 @@ from flax import nnx
 from safetensors.flax import load_file
 
 from ssm.layers import MambaConfig
+from ssm.layers.attention import AttentionConfig
 from ssm.models.lm import LanguageModel, LMConfig
 
 
 def load_hf(path_or_name, *, dtype="float32", scan_impl="auto", revision=None):
-  """Returns the ssm model for a Hugging Face checkpoint; `model(ids)` gives logits.
+  """Returns the ssm model for a Hugging Face checkpoint.
 
+  Language models (MambaForCausalLM, GPT2LMHeadModel, LlamaForCausalLM):
+  `model(ids)` gives logits (batch, length, vocab). Vision models (ViTModel,
+  ViTForImageClassification, Dinov2WithRegistersModel) take NHWC images.
   dtype is the compute dtype ("float32" or "bfloat16"); parameters are float32.
   """
   path = _resolve(path_or_name, revision)
@@ -28,14 +34,15 @@ def load_hf(path_or_name, *, dtype="float32", scan_impl="auto", revision=None):
   if model_type not in CONVERTERS:
     raise ValueError(f"{path}: model_type {model_type!r} is not supported; "
                      f"supported: {', '.join(CONVERTERS)}")
-  config_fn, names_fn = CONVERTERS[model_type]
-  config = config_fn(hf_config, dtype=dtype, scan_impl=scan_impl)
+  converter = CONVERTERS[model_type]
+  model_cls, config = converter.config(hf_config, dtype=dtype, scan_impl=scan_impl)
   weights = _read_weights(path)
-  model = nnx.eval_shape(lambda: LanguageModel(config, rngs=nnx.Rngs(0)))
-  params = {path: var for path, var in nnx.iter_graph(model) if isinstance(var, nnx.Param)}
+  model = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
+  params = {p: var for p, var in nnx.iter_graph(model) if isinstance(var, nnx.Param)}
+  names = {p: converter.names(p, hf_config, weights) for p in params}
   used = set()
   for param_path, var in params.items():
-    name, transform = names_fn(param_path)
+    name, transform = names[param_path]
     if name not in weights:
       raise KeyError(f"{path}: checkpoint has no tensor {name!r} (needed for "
                      f"{'/'.join(map(str, param_path))})")
@@ -45,8 +52,14 @@ def load_hf(path_or_name, *, dtype="float32", scan_impl="auto", revision=None):
                        f"the model expects {var.shape}")
     var.set_value(jnp.asarray(value, var.dtype))
     used.add(name)
-  _check_tied_head(weights, used, path)
-  unused = sorted(set(weights) - used - {"lm_head.weight"})
+  ignored = {n for n in weights if any(fnmatch.fnmatch(n, pat) for pat in converter.ignore)}
+  if "lm_head.weight" in weights and "lm_head.weight" not in used:
+    embedding = names[("embedding", "embedding")][0]
+    if not np.array_equal(np.asarray(weights["lm_head.weight"]), np.asarray(weights[embedding])):
+      raise ValueError(f"{path}: lm_head.weight differs from {embedding} but the config ties "
+                       "them (tie_word_embeddings)")
+    ignored.add("lm_head.weight")
+  unused = sorted(set(weights) - used - ignored)
   if unused:
     raise ValueError(f"{path}: tensors not understood by the converter: {unused[:8]}")
   return model
@@ -81,16 +94,6 @@ def _read_weights(path):
   return weights
 
 
-def _check_tied_head(weights, used, path):
-  head = weights.get("lm_head.weight")
-  if head is None:
-    return
-  emb = next((weights[n] for n in used if n.endswith("embeddings.weight")), None)
-  if emb is None or not np.array_equal(np.asarray(head), np.asarray(emb)):
-    raise ValueError(f"{path}: lm_head.weight differs from the input embedding; ssm language "
-                     "models tie the two")
-
-
 # --- Mamba (transformers' MambaForCausalLM) ---------------------------------
 
 def _mamba_config(hf, *, dtype, scan_impl):
@@ -107,7 +110,7 @@ def _mamba_config(hf, *, dtype, scan_impl):
       conv_bias=hf.get("use_conv_bias", True), bias=hf.get("use_bias", False),
       scan_impl=scan_impl)
   # The checkpoint's vocabulary is taken as it is: no further padding.
-  return LMConfig(d_model=d_model, n_layer=hf["num_hidden_layers"],
+  return LanguageModel, LMConfig(d_model=d_model, n_layer=hf["num_hidden_layers"],
                   vocab_size=hf["vocab_size"], pad_vocab_size_multiple=1,
                   norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                   residual_in_fp32=hf.get("residual_in_fp32", True), dtype=dtype, mamba=mamba)
@@ -117,7 +120,7 @@ _T = lambda w: w.T
 _SAME = lambda w: w
 
 
-def _mamba_names(param_path):
+def _mamba_names(param_path, hf, weights):
   """Our parameter path -> (HF tensor name, how to convert it)."""
   if param_path == ("embedding", "embedding"):
     return "backbone.embeddings.weight", _SAME
@@ -145,4 +148,101 @@ def _mamba_names(param_path):
   return f"{prefix}.mixer.{name}", fn
 
 
-CONVERTERS = {"mamba": (_mamba_config, _mamba_names)}
+# --- GPT-2 (GPT2LMHeadModel) -------------------------------------------------
+
+def _gpt2_config(hf, *, dtype, scan_impl):
+  del scan_impl
+  act = hf.get("activation_function", "gelu_new")
+  mlp = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}.get(act)
+  if mlp is None:
+    raise ValueError(f"activation_function {act!r} is not supported")
+  if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
+    raise ValueError("only GPT-2's standard attention scaling (1/sqrt(head_dim)) is supported")
+  d = hf["n_embd"]
+  return LanguageModel, LMConfig(
+      d_model=d, n_layer=hf["n_layer"], vocab_size=hf["vocab_size"], pattern="A",
+      mlp=mlp, d_intermediate=hf.get("n_inner") or 4 * d, norm="layer",
+      norm_eps=hf.get("layer_norm_epsilon", 1e-5), positions="learned",
+      max_position_embeddings=hf["n_positions"], pad_vocab_size_multiple=1,
+      residual_in_fp32=False, linear_init="normal", dtype=dtype,
+      tie_embeddings=hf.get("tie_word_embeddings", True),
+      attention=AttentionConfig(n_heads=hf["n_head"], bias=True, rope=False))
+
+
+def _gpt2_names(param_path, hf, weights):
+  """GPT-2's Conv1D weights are (in, out) already; c_attn holds q, k and v."""
+  top = {("embedding", "embedding"): "transformer.wte.weight",
+         ("position_embedding", "embedding"): "transformer.wpe.weight",
+         ("norm_f", "weight"): "transformer.ln_f.weight",
+         ("norm_f", "bias"): "transformer.ln_f.bias",
+         ("lm_head", "kernel"): "lm_head.weight"}
+  if param_path in top:
+    return top[param_path], _T if param_path[0] == "lm_head" else _SAME
+  _, i, *rest = param_path
+  prefix, d = f"transformer.h.{i}", hf["n_embd"]
+  rest = tuple(rest)
+  simple = {("norm", "weight"): "ln_1.weight", ("norm", "bias"): "ln_1.bias",
+            ("norm2", "weight"): "ln_2.weight", ("norm2", "bias"): "ln_2.bias",
+            ("mixer", "o_proj", "kernel"): "attn.c_proj.weight",
+            ("mixer", "o_proj", "bias"): "attn.c_proj.bias",
+            ("mlp", "fc1", "kernel"): "mlp.c_fc.weight", ("mlp", "fc1", "bias"): "mlp.c_fc.bias",
+            ("mlp", "fc2", "kernel"): "mlp.c_proj.weight", ("mlp", "fc2", "bias"): "mlp.c_proj.bias"}
+  if rest in simple:
+    return f"{prefix}.{simple[rest]}", _SAME
+  which = "qkv".index(rest[1][0])  # q_proj, k_proj, v_proj: a third of c_attn
+  part = lambda w: w[..., which * d:(which + 1) * d]
+  return f"{prefix}.attn.c_attn.{'weight' if rest[2] == 'kernel' else 'bias'}", part
+
+
+# --- Llama (LlamaForCausalLM) into transformer++ ---------------------------------
+
+def _llama_config(hf, *, dtype, scan_impl):
+  del scan_impl
+  if hf.get("hidden_act", "silu") != "silu":
+    raise ValueError(f"hidden_act {hf['hidden_act']!r}: Llama uses silu")
+  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+  if rope.get("rope_type", rope.get("type", "default")) != "default":
+    raise ValueError(f"rope type {rope.get('rope_type')!r}: only the default RoPE is supported")
+  if hf.get("mlp_bias"):
+    raise ValueError("mlp_bias=True is not supported")
+  d, heads = hf["hidden_size"], hf["num_attention_heads"]
+  return LanguageModel, LMConfig(
+      d_model=d, n_layer=hf["num_hidden_layers"], vocab_size=hf["vocab_size"], pattern="A",
+      mlp="swiglu", d_intermediate=hf["intermediate_size"], norm="rms",
+      norm_eps=hf.get("rms_norm_eps", 1e-6), pad_vocab_size_multiple=1, dtype=dtype,
+      tie_embeddings=hf.get("tie_word_embeddings", False), linear_init="normal",
+      attention=AttentionConfig(
+          n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
+          head_dim=hf.get("head_dim") or d // heads, bias=hf.get("attention_bias", False),
+          rope=True, rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0))))
+
+
+def _llama_names(param_path, hf, weights):
+  """Linear weights are (out, in) in torch: transposed."""
+  top = {("embedding", "embedding"): ("model.embed_tokens.weight", _SAME),
+         ("norm_f", "weight"): ("model.norm.weight", _SAME),
+         ("lm_head", "kernel"): ("lm_head.weight", _T)}
+  if param_path in top:
+    return top[param_path]
+  _, i, *rest = param_path
+  rest = tuple(rest)
+  if rest == ("norm", "weight"):
+    return f"model.layers.{i}.input_layernorm.weight", _SAME
+  if rest == ("norm2", "weight"):
+    return f"model.layers.{i}.post_attention_layernorm.weight", _SAME
+  module = {"mixer": "self_attn", "mlp": "mlp"}[rest[0]]
+  kind = "weight" if rest[2] == "kernel" else "bias"
+  return f"model.layers.{i}.{module}.{rest[1]}.{kind}", _T if kind == "weight" else _SAME
+
+
+class Converter(NamedTuple):
+  config: Callable  # (hf config, dtype=, scan_impl=) -> (model class, ssm config)
+  names: Callable  # (our param path, hf config, weights) -> (hf tensor name, transform)
+  ignore: tuple = ()  # fnmatch patterns of checkpoint tensors the model does not use
+
+
+CONVERTERS = {
+    "mamba": Converter(_mamba_config, _mamba_names),
+    "gpt2": Converter(_gpt2_config, _gpt2_names, ignore=("*.attn.bias", "*.attn.masked_bias")),
+    "llama": Converter(_llama_config, _llama_names),
+}

@@ -71,7 +71,7 @@ class Attention(nnx.Module):
       q, k = rope(q, positions, self.config.rope_theta), rope(k, positions, self.config.rope_theta)
     return q, k, v
 
-  def __call__(self, x_BLD, positions_BL=None, reset_BL=None, *, return_cache=False,
+  def __call__(self, x_BLD, reset_BL=None, *, positions_BL=None, return_cache=False,
                max_length=None, return_weights=False):
     """`reset` keeps packed documents apart; `return_weights` also returns the
     attention probabilities (B, H, L, S), computed explicitly (for analysis)."""

@@ -175,16 +175,14 @@ class LanguageModel(nnx.Module):
     emb_init = nnx.initializers.normal(config.initializer_range)
     V, D = config.padded_vocab_size, config.d_model
     self.embedding = nnx.Embed(V, D, dtype=self.dtype, embedding_init=emb_init, rngs=rngs)
-    self.position_embedding = None
-    if config.positions == "learned":
-      self.position_embedding = nnx.Embed(config.max_position_embeddings, D, dtype=self.dtype,
-                                          embedding_init=emb_init, rngs=rngs)
+    self.position_embedding = (
+        nnx.Embed(config.max_position_embeddings, D, dtype=self.dtype, embedding_init=emb_init,
+                  rngs=rngs) if config.positions == "learned" else None)
     self.layers = nnx.List([make_block(config, kind, rngs=rngs) for kind in config.layer_mixers])
     self.norm_f = make_norm(config.norm, D, config.norm_eps)
-    self.lm_head = None
-    if not config.tie_embeddings:
-      self.lm_head = nnx.Linear(D, V, use_bias=False, dtype=self.dtype,
-                                kernel_init=linear_inits(config, 1)[0], rngs=rngs)
+    self.lm_head = (None if config.tie_embeddings else
+                    nnx.Linear(D, V, use_bias=False, dtype=self.dtype,
+                               kernel_init=linear_inits(config, 1)[0], rngs=rngs))
 
   def _embed(self, ids, positions):
     h = self.embedding(ids)

@@ -1,16 +1,51 @@
-"""Named model sizes: the released Mamba checkpoints (GPT-NeoX tokenizer,
-vocabulary 50277 padded to 50280)."""
+"""Named model sizes.
 
+mamba-*: the released Mamba checkpoints (GPT-NeoX tokenizer, vocabulary 50277 padded
+to 50280). transformer++-*: the Mamba paper's Llama-style baseline at the same width
+and half the depth (one attention+SwiGLU layer holds about the parameters of two
+Mamba layers; SwiGLU width 8/3 d rounded up to a multiple of 256, as Llama). gpt2-*:
+OpenAI's GPT-2 (vocabulary 50257 unpadded, 1024 learned positions).
+"""
+
+from ssm.layers import MambaConfig
+from ssm.layers.attention import AttentionConfig
 from ssm.models.lm import LMConfig
 
 NEOX_VOCAB = 50277
+GPT2_VOCAB = 50257
+
+
+def mamba(d_model, n_layer):
+  return LMConfig(d_model=d_model, n_layer=n_layer, vocab_size=NEOX_VOCAB)
+
+
+def transformer_pp(d_model, n_layer, n_heads):
+  d_ff = -(-8 * d_model // 3 // 256) * 256
+  return LMConfig(d_model=d_model, n_layer=n_layer, vocab_size=NEOX_VOCAB, pattern="A",
+                  mlp="swiglu", d_intermediate=d_ff, attention=AttentionConfig(n_heads=n_heads))
+
+
+def gpt2(d_model, n_layer, n_heads):
+  return LMConfig(d_model=d_model, n_layer=n_layer, vocab_size=GPT2_VOCAB, pattern="A",
+                  mlp="gelu_tanh", d_intermediate=4 * d_model, norm="layer", positions="learned",
+                  max_position_embeddings=1024, pad_vocab_size_multiple=1, residual_in_fp32=False,
+                  linear_init="normal",
+                  attention=AttentionConfig(n_heads=n_heads, bias=True, rope=False))
+
 
 PRESETS = {
-    "mamba-130m": LMConfig(d_model=768, n_layer=24, vocab_size=NEOX_VOCAB),
-    "mamba-370m": LMConfig(d_model=1024, n_layer=48, vocab_size=NEOX_VOCAB),
-    "mamba-790m": LMConfig(d_model=1536, n_layer=48, vocab_size=NEOX_VOCAB),
-    "mamba-1.4b": LMConfig(d_model=2048, n_layer=48, vocab_size=NEOX_VOCAB),
-    "mamba-2.8b": LMConfig(d_model=2560, n_layer=64, vocab_size=NEOX_VOCAB),
+    "mamba-130m": mamba(768, 24),
+    "mamba-370m": mamba(1024, 48),
+    "mamba-790m": mamba(1536, 48),
+    "mamba-1.4b": mamba(2048, 48),
+    "mamba-2.8b": mamba(2560, 64),
+    "transformer++-130m": transformer_pp(768, 12, 12),
+    "transformer++-370m": transformer_pp(1024, 24, 16),
+    "transformer++-790m": transformer_pp(1536, 24, 16),
+    "transformer++-1.4b": transformer_pp(2048, 24, 16),
+    "transformer++-2.8b": transformer_pp(2560, 32, 32),
+    "gpt2-small": gpt2(768, 12, 12),
+    "gpt2-medium": gpt2(1024, 24, 16),
 }
 
 
