@@ -21,4 +21,14 @@ def test_unknown_preset_lists_the_known_ones(capsys):
 def test_console_script_is_installed():
   script = Path(sys.executable).parent / "ssm-info"
   out = subprocess.run([script, "--list"], capture_output=True, text=True, check=True).stdout
-  assert out.split() == ["mamba-130m", "mamba-370m", "mamba-790m", "mamba-1.4b", "mamba-2.8b"]
+  names = out.split()
+  for name in ["mamba-130m", "mamba-2.8b", "transformer++-130m", "gpt2-small", "gpt2-medium",
+               "vit-ti16", "vit-b16-reg4", "vim-tiny", "vim-small"]:
+    assert name in names
+
+
+def test_exact_counts_of_the_baselines(capsys):
+  for name, count in [("gpt2-small", "124,439,808"), ("vit-b16", "86,567,656"),
+                      ("vit-s16", "22,050,664"), ("vit-ti16", "5,717,416")]:
+    assert main([name]) == 0
+    assert f"parameters     {count}" in capsys.readouterr().out

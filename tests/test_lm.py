@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from ssm.layers import MambaConfig
-from ssm.models import LanguageModel, LMConfig, get_preset, param_count
+from ssm.flops import param_count
+from ssm.models import LanguageModel, LMConfig, get_preset
 
 
 @pytest.mark.parametrize("name,count", [("mamba-130m", 129_135_360), ("mamba-370m", 371_516_416)])

@@ -110,30 +110,28 @@ class Mamba(nnx.Module):
     dt = jnp.maximum(dt, c.dt_init_floor)
     return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
 
-  def _ssm_params(self):
-    return -jnp.exp(self.A_log[...].astype(jnp.float32)), self.D[...].astype(jnp.float32)
-
-  def _split_x_dbl(self, x_dbl):
+  def _ssm(self, x_BLE, z_BLE, reset_BL, conv_weight, conv_bias, x_proj, dt_proj, A_log, D):
+    """conv -> SiLU -> x_proj -> dt_proj -> selective scan with D skip and z gate.
+    Returns y (B, L, E) and the final SSM state (B, E, N)."""
+    bias = None if conv_bias is None else conv_bias[...]
+    xc_BLE = jax.nn.silu(causal_conv1d(x_BLE, conv_weight[...], bias, reset_BL))
     R, N = self.dt_rank, self.config.d_state
-    dt, B, C = jnp.split(x_dbl, [R, R + N], axis=-1)
+    dt_BLR, B_BLN, C_BLN = jnp.split(x_proj(xc_BLE), [R, R + N], axis=-1)
     # dt_proj's bias is added inside the scan, in float32, as delta_bias.
-    return dt @ self.dt_proj.kernel[...].astype(self.dtype), B, C
+    dt_BLE = dt_BLR @ dt_proj.kernel[...].astype(self.dtype)
+    return selective_scan(
+        xc_BLE, dt_BLE, -jnp.exp(A_log[...].astype(jnp.float32)), B_BLN, C_BLN,
+        D[...].astype(jnp.float32), z_BLE, delta_bias=dt_proj.bias[...].astype(jnp.float32),
+        delta_softplus=True, return_final_state=True, impl=self.config.scan_impl, reset=reset_BL)
 
   def __call__(self, x_BLD, reset_BL=None, *, positions_BL=None, return_cache=False,
                max_length=None):
     """With `return_cache`, also the MambaCache after the last position.
     (`positions_BL` and `max_length` are the mixer interface's; Mamba needs neither.)"""
     E, K = self.d_inner, self.config.d_conv
-    xz_BL2E = self.in_proj(x_BLD)
-    x_BLE, z_BLE = jnp.split(xz_BL2E, [E], axis=-1)
-    conv_bias = None if self.conv_bias is None else self.conv_bias[...]
-    xc_BLE = jax.nn.silu(causal_conv1d(x_BLE, self.conv_weight[...], conv_bias, reset_BL))
-    dt_BLE, B_BLN, C_BLN = self._split_x_dbl(self.x_proj(xc_BLE))
-    A_EN, D_E = self._ssm_params()
-    y_BLE, h_BEN = selective_scan(
-        xc_BLE, dt_BLE, A_EN, B_BLN, C_BLN, D_E, z_BLE,
-        delta_bias=self.dt_proj.bias[...].astype(jnp.float32), delta_softplus=True,
-        return_final_state=True, impl=self.config.scan_impl, reset=reset_BL)
+    x_BLE, z_BLE = jnp.split(self.in_proj(x_BLD), [E], axis=-1)
+    y_BLE, h_BEN = self._ssm(x_BLE, z_BLE, reset_BL, self.conv_weight, self.conv_bias,
+                             self.x_proj, self.dt_proj, self.A_log, self.D)
     out_BLD = self.out_proj(y_BLE)
     if not return_cache:
       return out_BLD
@@ -158,9 +156,40 @@ class Mamba(nnx.Module):
     if self.conv_bias is not None:
       xc_BE = xc_BE + self.conv_bias[...].astype(jnp.float32)
     xc_BE = jax.nn.silu(xc_BE).astype(x_BE.dtype)
-    dt_BE, B_BN, C_BN = self._split_x_dbl(self.x_proj(xc_BE))
-    A_EN, D_E = self._ssm_params()
+    R, N = self.dt_rank, self.config.d_state
+    dt_BR, B_BN, C_BN = jnp.split(self.x_proj(xc_BE), [R, R + N], axis=-1)
     y_BE, ssm_BEN = selective_state_update(
-        cache.ssm, xc_BE, dt_BE, A_EN, B_BN, C_BN, D_E, z_BE,
-        delta_bias=self.dt_proj.bias[...].astype(jnp.float32))
+        cache.ssm, xc_BE, dt_BR @ self.dt_proj.kernel[...].astype(self.dtype),
+        -jnp.exp(self.A_log[...].astype(jnp.float32)), B_BN, C_BN,
+        self.D[...].astype(jnp.float32), z_BE, delta_bias=self.dt_proj.bias[...].astype(jnp.float32))
     return self.out_proj(y_BE), MambaCache(window_BKE[:, 1:], ssm_BEN)
+
+
+class BiMamba(Mamba):
+  """Vision Mamba's bidirectional mixer (Vim, "bimamba v2"): in_proj and out_proj
+  shared; a second conv, x_proj, dt_proj, A and D (the `_b` parameters, Vim's names)
+  scan the reversed sequence; out = out_proj((y_forward + flip(y_backward)) / 2)."""
+
+  def __init__(self, d_model, config: MambaConfig = MambaConfig(), *, n_residuals=1,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    super().__init__(d_model, config, n_residuals=n_residuals, dtype=dtype,
+                     param_dtype=param_dtype, rngs=rngs)
+    # The backward parameters, initialised as the forward ones (twin's projections are dropped).
+    twin = Mamba(d_model, config, n_residuals=n_residuals, dtype=dtype,
+                 param_dtype=param_dtype, rngs=rngs)
+    self.conv_weight_b, self.conv_bias_b = twin.conv_weight, twin.conv_bias
+    self.x_proj_b, self.dt_proj_b = twin.x_proj, twin.dt_proj
+    self.A_b_log, self.D_b = twin.A_log, twin.D
+
+  def __call__(self, x_BLD, reset_BL=None, *, positions_BL=None, return_cache=False,
+               max_length=None):
+    if reset_BL is not None or return_cache:
+      raise NotImplementedError("BiMamba sees the whole sequence: no packing, no decoding")
+    E = self.d_inner
+    x_BLE, z_BLE = jnp.split(self.in_proj(x_BLD), [E], axis=-1)
+    y_fwd, _ = self._ssm(x_BLE, z_BLE, None, self.conv_weight, self.conv_bias, self.x_proj,
+                         self.dt_proj, self.A_log, self.D)
+    flip = lambda t: jnp.flip(t, axis=1)
+    y_bwd, _ = self._ssm(flip(x_BLE), flip(z_BLE), None, self.conv_weight_b, self.conv_bias_b,
+                         self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b)
+    return self.out_proj((y_fwd + flip(y_bwd)) / 2)

@@ -232,17 +232,3 @@ class LanguageModel(nnx.Module):
       h, residual, c = layer.step(h, residual, c, position)
       new.append(c)
     return self._logits(h, residual), LMCache(new, position + 1)
-
-
-def param_count(config, embeddings=True, model_cls=None):
-  """Exact parameter count from the model's abstract shapes (nothing allocated).
-  Without `embeddings`, the token and position embeddings are left out."""
-  model_cls = model_cls or LanguageModel
-  model = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
-  total = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  if not embeddings:
-    for name in ("embedding", "position_embedding"):
-      emb = getattr(model, name, None)
-      if emb is not None:
-        total -= math.prod(emb.embedding.shape)
-  return total

@@ -4,12 +4,16 @@ mamba-*: the released Mamba checkpoints (GPT-NeoX tokenizer, vocabulary 50277 pa
 to 50280). transformer++-*: the Mamba paper's Llama-style baseline at the same width
 and half the depth (one attention+SwiGLU layer holds about the parameters of two
 Mamba layers; SwiGLU width 8/3 d rounded up to a multiple of 256, as Llama). gpt2-*:
-OpenAI's GPT-2 (vocabulary 50257 unpadded, 1024 learned positions).
+OpenAI's GPT-2 (vocabulary 50257 unpadded, 1024 learned positions). vit-*: the ViT
+sizes of Dosovitskiy et al. / DeiT at 224px, patch 16, 1000 classes (-reg4: with 4
+registers). vim-*: Vision Mamba's tiny and small.
 """
 
 from ssm.layers import MambaConfig
 from ssm.layers.attention import AttentionConfig
 from ssm.models.lm import LMConfig
+from ssm.models.vim import VimConfig
+from ssm.models.vit import ViTConfig
 
 NEOX_VOCAB = 50277
 GPT2_VOCAB = 50257
@@ -33,6 +37,11 @@ def gpt2(d_model, n_layer, n_heads):
                   attention=AttentionConfig(n_heads=n_heads, bias=True, rope=False))
 
 
+def vit(d_model, n_layer, n_heads, num_registers=0):
+  return ViTConfig(d_model=d_model, n_layer=n_layer, n_heads=n_heads,
+                   d_intermediate=4 * d_model, num_registers=num_registers)
+
+
 PRESETS = {
     "mamba-130m": mamba(768, 24),
     "mamba-370m": mamba(1024, 48),
@@ -46,6 +55,14 @@ PRESETS = {
     "transformer++-2.8b": transformer_pp(2560, 32, 32),
     "gpt2-small": gpt2(768, 12, 12),
     "gpt2-medium": gpt2(1024, 24, 16),
+    "vit-ti16": vit(192, 12, 3),
+    "vit-s16": vit(384, 12, 6),
+    "vit-b16": vit(768, 12, 12),
+    "vit-ti16-reg4": vit(192, 12, 3, num_registers=4),
+    "vit-s16-reg4": vit(384, 12, 6, num_registers=4),
+    "vit-b16-reg4": vit(768, 12, 12, num_registers=4),
+    "vim-tiny": VimConfig(d_model=192, n_layer=24),
+    "vim-small": VimConfig(d_model=384, n_layer=24),
 }
 
 

@@ -1,0 +1,115 @@
+"""Vision Mamba (Vim, Zhu et al. 2024): patch tokens through bidirectional Mamba
+blocks, the class token in the middle of the sequence, learned position
+embeddings over the whole sequence; optional register tokens, spread evenly
+through the patches (as "Vision Mamba needs registers" does) without position
+embeddings, returned apart and left out of pooling. Images are NHWC.
+"""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ssm.layers import BiMamba, MambaConfig
+from ssm.layers.norms import make_norm
+from ssm.models.lm import DTYPES, Block
+from ssm.models.vit import PatchEmbedding, resize_positions
+
+
+@dataclasses.dataclass(frozen=True)
+class VimConfig:
+  image_size: int = 224
+  patch_size: int = 16
+  channels: int = 3
+  d_model: int = 192
+  n_layer: int = 24
+  num_registers: int = 0
+  num_classes: int = 1000  # 0: no head; the model returns the class token's features
+  norm_eps: float = 1e-5
+  mamba: MambaConfig = MambaConfig()
+  initializer_range: float = 0.02
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.image_size % self.patch_size:
+      raise ValueError(f"image_size {self.image_size} is not divisible by patch_size "
+                       f"{self.patch_size}")
+
+  @property
+  def grid(self):
+    return self.image_size // self.patch_size
+
+  def replace(self, **kw):
+    return dataclasses.replace(self, **kw)
+
+
+def layout(num_patches, num_registers):
+  """The sequence order as indices into [class, registers..., patches...]: the
+  class token in the middle of the patches, the registers evenly spaced."""
+  base = list(range(1 + num_registers, 1 + num_registers + num_patches))
+  base.insert(num_patches // 2, 0)
+  slots = [round((r + 1) * len(base) / (num_registers + 1)) for r in range(num_registers)]
+  order = []
+  for i in range(len(base) + 1):
+    order += [1 + r for r, slot in enumerate(slots) if slot == i]
+    order += base[i:i + 1]
+  return np.array(order)
+
+
+class VisionMamba(nnx.Module):
+  """NHWC images -> logits (B, num_classes); `features` gives every output."""
+
+  def __init__(self, config: VimConfig, *, rngs: nnx.Rngs):
+    c = self.config = config
+    dtype = DTYPES[c.dtype]
+    normal = nnx.initializers.normal(c.initializer_range)
+    self.patch_embedding = PatchEmbedding(c.patch_size, c.channels, c.d_model, dtype=dtype,
+                                          rngs=rngs)
+    self.cls_token = nnx.Param(normal(rngs.params(), (1, 1, c.d_model)))
+    self.register_tokens = (nnx.Param(normal(rngs.params(), (1, c.num_registers, c.d_model)))
+                            if c.num_registers else None)
+    # positions of the class token and the patches, in sequence order
+    self.position_embedding = nnx.Param(normal(rngs.params(), (1 + c.grid**2, c.d_model)))
+    self.layers = nnx.List([
+        Block(BiMamba(c.d_model, c.mamba, n_residuals=c.n_layer, dtype=dtype, rngs=rngs),
+              c.d_model, norm="rms", norm_eps=c.norm_eps, dtype=dtype)
+        for _ in range(c.n_layer)])
+    self.norm_f = make_norm("rms", c.d_model, c.norm_eps)
+    self.head = (nnx.Linear(c.d_model, c.num_classes, dtype=dtype,
+                            kernel_init=nnx.initializers.zeros, rngs=rngs)
+                 if c.num_classes else None)
+
+  def features(self, images_BHWC):
+    """A dict: tokens (B, T, D) after the final norm, in sequence order; order (T,),
+    each position's index into [class, registers, patches]; cls (B, D), registers
+    (B, R, D), patches (B, P, D) and pooled (B, D)."""
+    patches_BPD, grid = self.patch_embedding(images_BHWC)
+    B, P, D = patches_BPD.shape
+    pos = self.position_embedding[...]
+    mid = P // 2
+    pos_patches = resize_positions(jnp.concatenate([pos[:mid], pos[mid + 1:]]),
+                                   self.config.grid, grid)
+    pos_cls = pos[mid:mid + 1]
+    cls_B1D = jnp.broadcast_to(self.cls_token[...] + pos_cls, (B, 1, D))
+    patches_BPD = patches_BPD + pos_patches
+    R = self.config.num_registers
+    parts = [cls_B1D]
+    if self.register_tokens is not None:  # no position embedding on registers
+      parts.append(jnp.broadcast_to(self.register_tokens[...], (B, R, D)))
+    canonical = jnp.concatenate([x.astype(patches_BPD.dtype) for x in parts + [patches_BPD]], 1)
+    order = layout(P, R)
+    h = canonical[:, order]
+    residual = None
+    for layer in self.layers:
+      h, residual, _ = layer(h, residual)
+    tokens = self.norm_f(h + residual)
+    canonical = tokens[:, np.argsort(order)]  # back to [class, registers, patches]
+    out = dict(tokens=tokens, order=order, cls=canonical[:, 0], registers=canonical[:, 1:1 + R],
+               patches=canonical[:, 1 + R:])
+    out["pooled"] = out["cls"]
+    return out
+
+  def __call__(self, images_BHWC):
+    pooled = self.features(images_BHWC)["pooled"]
+    return pooled if self.head is None else self.head(pooled).astype(jnp.float32)
