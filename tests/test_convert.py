@@ -137,3 +137,71 @@ def test_llama_logits_match_transformers(tmp_path_factory, tied):
   skip = ("lm_head.weight",) if tied else ()
   model = _perturb(transformers.LlamaForCausalLM(config).eval(), torch, skip)
   _check_lm_parity(model, _save(tmp_path_factory, "llama", model), 101, torch)
+
+
+def _relative_error(actual, expected):
+  return float(np.abs(np.asarray(actual) - expected).max() / np.abs(expected).max())
+
+
+def _images(torch, size, seed=0):
+  x = np.random.default_rng(seed).normal(size=(2, size, size, 3)).astype(np.float32)
+  return x, torch.tensor(x.transpose(0, 3, 1, 2))  # ssm is NHWC, torch NCHW
+
+
+@pytest.mark.parametrize("classifier", [False, True])
+def test_vit_matches_transformers(tmp_path_factory, classifier):
+  torch, transformers = require("torch"), require("transformers")
+  from ssm.convert import load_hf
+  torch.manual_seed(3)
+  config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=48,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=80, num_labels=7)
+  cls = transformers.ViTForImageClassification if classifier else transformers.ViTModel
+  hf_model = _perturb(cls(config).eval(), torch, skip=())
+  path = _save(tmp_path_factory, "vit", hf_model)
+  x, pixels = _images(torch, 32)
+  with torch.no_grad():
+    out = hf_model(pixels, output_hidden_states=True)
+    hidden = out.hidden_states[-1] if classifier else out.last_hidden_state
+    if classifier:  # the classifier's input is the final-normed sequence
+      hidden = hf_model.vit.layernorm(hidden)
+  model = load_hf(path)
+  assert _relative_error(model.features(x)["tokens"], hidden.numpy()) < 1e-4
+  if classifier:
+    assert _relative_error(model(x), out.logits.numpy()) < 1e-4
+
+
+def test_dinov2_with_registers_matches_transformers(tmp_path_factory):
+  torch, transformers = require("torch"), require("transformers")
+  from safetensors.numpy import load_file, save_file
+
+  from ssm.convert import load_hf
+  torch.manual_seed(4)
+  config = transformers.Dinov2WithRegistersConfig(
+      image_size=28, patch_size=7, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+      num_register_tokens=4, layerscale_value=0.5)
+  hf_model = _perturb(transformers.Dinov2WithRegistersModel(config).eval(), torch, skip=())
+  path = _save(tmp_path_factory, "dinov2", hf_model)
+  x, pixels = _images(torch, 28, seed=1)
+  with torch.no_grad():
+    expected = hf_model(pixels).last_hidden_state.numpy()
+  features = load_hf(path).features(x)
+  assert features["tokens"].shape == (2, 1 + 4 + 16, 48)
+  assert _relative_error(features["tokens"], expected) < 1e-4
+  assert _relative_error(features["registers"], expected[:, 1:5]) < 1e-4
+  # the same checkpoint with transformers 4.x tensor names
+  old = tmp_path_factory.mktemp("dinov2_4x")
+  (old / "config.json").write_text((path / "config.json").read_text())
+  renames = {".attention.q_proj.": ".attention.attention.query.",
+             ".attention.k_proj.": ".attention.attention.key.",
+             ".attention.v_proj.": ".attention.attention.value.",
+             ".attention.o_proj.": ".attention.output.dense.",
+             ".mlp.fc1.": ".intermediate.dense.", ".mlp.fc2.": ".output.dense."}
+  tensors = {}
+  for name, w in load_file(str(path / "model.safetensors")).items():
+    for new, older in renames.items():
+      name = name.replace(new, older)
+    tensors[name] = w
+  assert "encoder.layer.0.attention.attention.query.weight" in tensors
+  save_file(tensors, str(old / "model.safetensors"))
+  assert _relative_error(load_hf(old).features(x)["tokens"], expected) < 1e-4

@@ -7,6 +7,7 @@
 
 import fnmatch
 import json
+import re
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -18,6 +19,7 @@ from safetensors.flax import load_file
 from ssm.layers import MambaConfig
 from ssm.layers.attention import AttentionConfig
 from ssm.models.lm import LanguageModel, LMConfig
+from ssm.models.vit import ViT, ViTConfig
 
 
 def load_hf(path_or_name, *, dtype="float32", scan_impl="auto", revision=None):
@@ -35,8 +37,10 @@ def load_hf(path_or_name, *, dtype="float32", scan_impl="auto", revision=None):
     raise ValueError(f"{path}: model_type {model_type!r} is not supported; "
                      f"supported: {', '.join(CONVERTERS)}")
   converter = CONVERTERS[model_type]
-  model_cls, config = converter.config(hf_config, dtype=dtype, scan_impl=scan_impl)
   weights = _read_weights(path)
+  for pattern, new in converter.rename:
+    weights = {re.sub(pattern, new, name): w for name, w in weights.items()}
+  model_cls, config = converter.config(hf_config, weights, dtype=dtype, scan_impl=scan_impl)
   model = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
   params = {p: var for p, var in nnx.iter_graph(model) if isinstance(var, nnx.Param)}
   names = {p: converter.names(p, hf_config, weights) for p in params}
@@ -96,7 +100,7 @@ def _read_weights(path):
 
 # --- Mamba (transformers' MambaForCausalLM) ---------------------------------
 
-def _mamba_config(hf, *, dtype, scan_impl):
+def _mamba_config(hf, weights, *, dtype, scan_impl):
   if hf.get("hidden_act", "silu") != "silu":
     raise ValueError(f"hidden_act {hf['hidden_act']!r}: Mamba uses silu")
   if not hf.get("tie_word_embeddings", True):
@@ -150,7 +154,7 @@ def _mamba_names(param_path, hf, weights):
 
 # --- GPT-2 (GPT2LMHeadModel) -------------------------------------------------
 
-def _gpt2_config(hf, *, dtype, scan_impl):
+def _gpt2_config(hf, weights, *, dtype, scan_impl):
   del scan_impl
   act = hf.get("activation_function", "gelu_new")
   mlp = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}.get(act)
@@ -196,7 +200,7 @@ def _gpt2_names(param_path, hf, weights):
 
 # --- Llama (LlamaForCausalLM) into transformer++ ---------------------------------
 
-def _llama_config(hf, *, dtype, scan_impl):
+def _llama_config(hf, weights, *, dtype, scan_impl):
   del scan_impl
   if hf.get("hidden_act", "silu") != "silu":
     raise ValueError(f"hidden_act {hf['hidden_act']!r}: Llama uses silu")
@@ -236,13 +240,108 @@ def _llama_names(param_path, hf, weights):
 
 
 class Converter(NamedTuple):
-  config: Callable  # (hf config, dtype=, scan_impl=) -> (model class, ssm config)
+  config: Callable  # (hf config, weights, dtype=, scan_impl=) -> (model class, ssm config)
   names: Callable  # (our param path, hf config, weights) -> (hf tensor name, transform)
   ignore: tuple = ()  # fnmatch patterns of checkpoint tensors the model does not use
+  rename: tuple = ()  # (regex, replacement): older transformers names -> current ones
+
+
+# --- ViT (ViTModel, ViTForImageClassification) and DINOv2 with registers ---------
+
+# transformers 4.x names of the encoder's tensors -> the current (5.x) ones.
+_ENCODER_RENAMES = (
+    (r"\.attention\.attention\.query\.", ".attention.q_proj."),
+    (r"\.attention\.attention\.key\.", ".attention.k_proj."),
+    (r"\.attention\.attention\.value\.", ".attention.v_proj."),
+    (r"\.attention\.output\.dense\.", ".attention.o_proj."),
+    (r"\.intermediate\.dense\.", ".mlp.fc1."),
+    (r"(layer\.\d+)\.output\.dense\.", r"\1.mlp.fc2."),
+)
+_VIT_RENAMES = _ENCODER_RENAMES + ((r"encoder\.layer\.", "layers."),)
+
+
+def _vision_common(hf, kind):
+  if hf.get("hidden_act", "gelu") != "gelu":
+    raise ValueError(f"hidden_act {hf['hidden_act']!r}: only gelu is supported")
+  if hf.get("use_swiglu_ffn"):
+    raise ValueError("use_swiglu_ffn=True (DINOv2 giant) is not supported")
+  size, patch = hf.get("image_size", 224), hf.get("patch_size", 16)
+  if not isinstance(size, int) or not isinstance(patch, int):
+    raise ValueError(f"{kind}: only square image_size and patch_size are supported")
+  d = hf["hidden_size"]
+  return dict(image_size=size, patch_size=patch, channels=hf.get("num_channels", 3), d_model=d,
+              n_layer=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
+              qkv_bias=hf.get("qkv_bias", True))
+
+
+def _vit_config(hf, weights, *, dtype, scan_impl):
+  del scan_impl
+  head = weights.get("classifier.weight")
+  return ViT, ViTConfig(**_vision_common(hf, "ViT"), d_intermediate=hf["intermediate_size"],
+                        norm_eps=hf.get("layer_norm_eps", 1e-12), dtype=dtype,
+                        num_classes=0 if head is None else head.shape[0])
+
+
+def _dinov2_config(hf, weights, *, dtype, scan_impl):
+  del scan_impl, weights
+  common = _vision_common(hf, "DINOv2")
+  return ViT, ViTConfig(**common, d_intermediate=int(common["d_model"] * hf.get("mlp_ratio", 4)),
+                        norm_eps=hf.get("layer_norm_eps", 1e-6), dtype=dtype, num_classes=0,
+                        num_registers=hf.get("num_register_tokens", 4),
+                        layer_scale=hf.get("layerscale_value", 1.0))
+
+
+def _patch_kernel(w):
+  """Conv2d (D, C, p, p) -> our patch kernel (p * p * C, D)."""
+  return w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0])
+
+
+def _vision_names(param_path, hf, weights, *, base, layer, norms, scales=False):
+  top = {("patch_embedding", "proj", "kernel"): ("embeddings.patch_embeddings.projection.weight",
+                                                 _patch_kernel),
+         ("patch_embedding", "proj", "bias"): ("embeddings.patch_embeddings.projection.bias", _SAME),
+         ("cls_token",): ("embeddings.cls_token", _SAME),
+         ("register_tokens",): ("embeddings.register_tokens", _SAME),
+         ("position_embedding",): ("embeddings.position_embeddings", lambda w: w[0]),
+         ("norm", "weight"): ("layernorm.weight", _SAME),
+         ("norm", "bias"): ("layernorm.bias", _SAME)}
+  if param_path[0] == "head":
+    return f"classifier.{'weight' if param_path[1] == 'kernel' else 'bias'}", (
+        _T if param_path[1] == "kernel" else _SAME)
+  if param_path in top:
+    name, fn = top[param_path]
+    return base + name, fn
+  _, i, *rest = param_path
+  prefix = f"{base}{layer}.{i}"
+  if rest[0] in ("norm", "norm2"):
+    return f"{prefix}.{norms[rest[0]]}.{rest[1]}", _SAME
+  if rest[0] in ("layer_scale1", "layer_scale2"):
+    return f"{prefix}.{rest[0]}.lambda1", _SAME
+  module = {"mixer": "attention", "mlp": "mlp"}[rest[0]]
+  kind = "weight" if rest[2] == "kernel" else "bias"
+  return f"{prefix}.{module}.{rest[1]}.{kind}", _T if kind == "weight" else _SAME
+
+
+def _vit_names(param_path, hf, weights):
+  base = "vit." if any(n.startswith("vit.") for n in weights) else ""
+  return _vision_names(param_path, hf, weights, base=base, layer="layers",
+                       norms={"norm": "layernorm_before", "norm2": "layernorm_after"})
+
+
+def _dinov2_names(param_path, hf, weights):
+  return _vision_names(param_path, hf, weights, base="", layer="encoder.layer",
+                       norms={"norm": "norm1", "norm2": "norm2"})
 
 
 CONVERTERS = {
     "mamba": Converter(_mamba_config, _mamba_names),
     "gpt2": Converter(_gpt2_config, _gpt2_names, ignore=("*.attn.bias", "*.attn.masked_bias")),
     "llama": Converter(_llama_config, _llama_names),
+    # ViTModel's pooler (dense + tanh on CLS) is not part of the ViT; DINOv2's mask
+    # token only serves masked-image pretraining.
+    "vit": Converter(_vit_config, _vit_names, ignore=("pooler.*", "vit.pooler.*"),
+                     rename=_VIT_RENAMES),
+    "dinov2_with_registers": Converter(_dinov2_config, _dinov2_names,
+                                       ignore=("embeddings.mask_token",),
+                                       rename=_ENCODER_RENAMES),
 }
