@@ -14,7 +14,7 @@ from flax import nnx
 from ssm.layers import BiMamba, MambaConfig
 from ssm.layers.norms import make_norm
 from ssm.models.lm import DTYPES, Block
-from ssm.models.vit import PatchEmbedding, resize_positions
+from ssm.models.vit import ImageModel, resize_positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,28 +57,19 @@ def layout(num_patches, num_registers):
   return np.array(order)
 
 
-class VisionMamba(nnx.Module):
-  """NHWC images -> logits (B, num_classes); `features` gives every output."""
+class VisionMamba(ImageModel):
+  """NHWC images -> logits (B, num_classes); `features` gives every output. The
+  position table covers the class token and the patches in sequence order."""
 
   def __init__(self, config: VimConfig, *, rngs: nnx.Rngs):
     c = self.config = config
     dtype = DTYPES[c.dtype]
-    normal = nnx.initializers.normal(c.initializer_range)
-    self.patch_embedding = PatchEmbedding(c.patch_size, c.channels, c.d_model, dtype=dtype,
-                                          rngs=rngs)
-    self.cls_token = nnx.Param(normal(rngs.params(), (1, 1, c.d_model)))
-    self.register_tokens = (nnx.Param(normal(rngs.params(), (1, c.num_registers, c.d_model)))
-                            if c.num_registers else None)
-    # positions of the class token and the patches, in sequence order
-    self.position_embedding = nnx.Param(normal(rngs.params(), (1 + c.grid**2, c.d_model)))
+    self._init_tokens(c, dtype, rngs)
     self.layers = nnx.List([
         Block(BiMamba(c.d_model, c.mamba, n_residuals=c.n_layer, dtype=dtype, rngs=rngs),
               c.d_model, norm="rms", norm_eps=c.norm_eps, dtype=dtype)
         for _ in range(c.n_layer)])
     self.norm_f = make_norm("rms", c.d_model, c.norm_eps)
-    self.head = (nnx.Linear(c.d_model, c.num_classes, dtype=dtype,
-                            kernel_init=nnx.initializers.zeros, rngs=rngs)
-                 if c.num_classes else None)
 
   def features(self, images_BHWC):
     """A dict: tokens (B, T, D) after the final norm, in sequence order; order (T,),
@@ -96,7 +87,7 @@ class VisionMamba(nnx.Module):
     R = self.config.num_registers
     parts = [cls_B1D]
     if self.register_tokens is not None:  # no position embedding on registers
-      parts.append(jnp.broadcast_to(self.register_tokens[...], (B, R, D)))
+      parts.append(self._registers(B, patches_BPD.dtype))
     canonical = jnp.concatenate([x.astype(patches_BPD.dtype) for x in parts + [patches_BPD]], 1)
     order = layout(P, R)
     h = canonical[:, order]
@@ -109,7 +100,3 @@ class VisionMamba(nnx.Module):
                patches=canonical[:, 1 + R:])
     out["pooled"] = out["cls"]
     return out
-
-  def __call__(self, images_BHWC):
-    pooled = self.features(images_BHWC)["pooled"]
-    return pooled if self.head is None else self.head(pooled).astype(jnp.float32)

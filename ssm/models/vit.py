@@ -85,14 +85,12 @@ def resize_positions(pos_PD, grid, new_grid):
   return resized.reshape(-1, D).astype(pos_PD.dtype)
 
 
-class ViT(nnx.Module):
-  """NHWC images -> logits (B, num_classes), or pooled features when num_classes is 0.
-  `features` gives every output: tokens, CLS, registers, patches, attention maps,
-  token norms."""
+class ImageModel(nnx.Module):
+  """What ViT and Vision Mamba share: patch embedding, class token, registers, a
+  position table for the class token and the patches, and the classifier head
+  (zero-initialised, as big_vision) on the pooled features."""
 
-  def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
-    c = self.config = config
-    dtype = DTYPES[c.dtype]
+  def _init_tokens(self, c, dtype, rngs):
     normal = nnx.initializers.normal(c.initializer_range)
     self.patch_embedding = PatchEmbedding(c.patch_size, c.channels, c.d_model, dtype=dtype,
                                           rngs=rngs)
@@ -100,6 +98,28 @@ class ViT(nnx.Module):
     self.register_tokens = (nnx.Param(normal(rngs.params(), (1, c.num_registers, c.d_model)))
                             if c.num_registers else None)
     self.position_embedding = nnx.Param(normal(rngs.params(), (1 + c.grid**2, c.d_model)))
+    self.head = (nnx.Linear(c.d_model, c.num_classes, dtype=dtype,
+                            kernel_init=nnx.initializers.zeros, rngs=rngs)
+                 if c.num_classes else None)
+
+  def _registers(self, batch, dtype):
+    R, D = self.config.num_registers, self.config.d_model
+    return jnp.broadcast_to(self.register_tokens[...], (batch, R, D)).astype(dtype)
+
+  def __call__(self, images_BHWC):
+    """Logits (B, num_classes), or the pooled features when num_classes is 0."""
+    pooled = self.features(images_BHWC)["pooled"]
+    return pooled if self.head is None else self.head(pooled).astype(jnp.float32)
+
+
+class ViT(ImageModel):
+  """NHWC images -> logits (B, num_classes). `features` gives every output: tokens,
+  CLS, registers, patches, attention maps, token norms."""
+
+  def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
+    c = self.config = config
+    dtype = DTYPES[c.dtype]
+    self._init_tokens(c, dtype, rngs)
     attention = AttentionConfig(n_heads=c.n_heads, bias=c.qkv_bias, rope=False)
     init = nnx.initializers.xavier_uniform()  # as the original JAX ViT and big_vision
     self.layers = nnx.List([
@@ -110,9 +130,6 @@ class ViT(nnx.Module):
               layer_scale=c.layer_scale, dtype=dtype)
         for _ in range(c.n_layer)])
     self.norm = make_norm("layer", c.d_model, c.norm_eps)
-    self.head = (nnx.Linear(c.d_model, c.num_classes, dtype=dtype,
-                            kernel_init=nnx.initializers.zeros, rngs=rngs)
-                 if c.num_classes else None)
 
   def _tokens(self, images):
     patches_BPD, grid = self.patch_embedding(images)
@@ -122,8 +139,7 @@ class ViT(nnx.Module):
     cls_B1D = jnp.broadcast_to(self.cls_token[...] + pos[:1], (B, 1, D))
     parts = [cls_B1D.astype(patches_BPD.dtype)]
     if self.register_tokens is not None:  # no position embedding on registers
-      parts.append(jnp.broadcast_to(self.register_tokens[...], (B, self.config.num_registers, D))
-                   .astype(patches_BPD.dtype))
+      parts.append(self._registers(B, patches_BPD.dtype))
     return jnp.concatenate(parts + [patches_BPD], axis=1)
 
   def features(self, images_BHWC, *, return_attention=False):
@@ -145,7 +161,3 @@ class ViT(nnx.Module):
     if return_attention:
       out["attention"] = jnp.stack(maps)
     return out
-
-  def __call__(self, images_BHWC):
-    pooled = self.features(images_BHWC)["pooled"]
-    return pooled if self.head is None else self.head(pooled).astype(jnp.float32)
