@@ -1,6 +1,9 @@
 """Models: language models (Mamba, Transformer, hybrid) and vision models (ViT with
 registers, Vision Mamba), and their named presets."""
 
+import dataclasses
+from collections.abc import Mapping
+
 from ssm.models.lm import LanguageModel, LMConfig
 from ssm.models.vim import VimConfig, VisionMamba
 from ssm.models.vit import ViT, ViTConfig
@@ -19,7 +22,38 @@ def build(config, *, rngs):
   return model_class(config)(config, rngs=rngs)
 
 
+KINDS = {"lm": LMConfig, "vit": ViTConfig, "vim": VimConfig}
+
+
+def config_from_dict(fields):
+  """A model config from a plain dict, e.g. an ml_collections `config.model`:
+  {"kind": "lm", "d_model": 64, ..., "mamba": {"d_state": 16}}. A preset name under
+  "preset" gives the defaults. Unknown keys are errors that name the valid ones."""
+  fields = dict(fields.to_dict() if hasattr(fields, "to_dict") else fields)
+  kind = fields.pop("kind", "lm")
+  preset = fields.pop("preset", "")
+  if kind not in KINDS:
+    raise ValueError(f"model.kind {kind!r}: expected one of {list(KINDS)}")
+  base = get_preset(preset) if preset else None
+  return _dataclass_from_dict(type(base) if base else KINDS[kind], fields, "model", base)
+
+
+def _dataclass_from_dict(cls, fields, where, base=None):
+  valid = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(fields) - set(valid))
+  if unknown:
+    raise ValueError(f"{where}: unknown keys {unknown}; valid keys: {sorted(valid)}")
+  kwargs = {}
+  for name, value in fields.items():
+    default = getattr(base, name) if base is not None else valid[name].default
+    if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
+      value = _dataclass_from_dict(type(default), value, f"{where}.{name}", default)
+    kwargs[name] = value
+  return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+
+
 from ssm.models.presets import PRESETS, get_preset  # noqa: E402  (presets need the configs)
 
 __all__ = ["LMConfig", "LanguageModel", "MODEL_CLASSES", "PRESETS", "ViT", "ViTConfig",
-           "VimConfig", "VisionMamba", "build", "get_preset", "model_class"]
+           "VimConfig", "VisionMamba", "build", "config_from_dict", "get_preset",
+           "model_class"]

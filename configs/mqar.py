@@ -1,0 +1,49 @@
+"""MQAR (Zoology's multi-query associative recall) with a Mamba, Transformer++ or
+hybrid model, small enough to train on a 2-core CPU in a few minutes.
+
+  ssm-train --config configs/mqar.py:mamba --workdir runs/mqar-mamba
+  ssm-train --config configs/mqar.py:transformer --workdir runs/mqar-tpp
+  ssm-train --config configs/mqar.py:hybrid --workdir runs/mqar-hybrid
+
+Zoology's setting is one override away: --config.task.vocab_size=8192
+--config.task.seq_len=256 --config.task.num_kv_pairs=16 --config.model.vocab_size=8192.
+"""
+
+from ssm.train.config import base, lock
+
+ARCHS = {
+    "mamba": dict(pattern="M", n_layer=2),
+    "transformer": dict(pattern="A", n_layer=2, mlp="swiglu", d_intermediate=128),
+    "hybrid": dict(pattern="MA", n_layer=2),
+}
+
+
+def get_config(arch="mamba"):
+  if arch not in ARCHS:
+    raise ValueError(f"configs/mqar.py:{arch}: expected one of {list(ARCHS)}")
+  c = base()
+  c.task.name = "mqar"
+  c.task.vocab_size = 256
+  c.task.seq_len = 64
+  c.task.num_kv_pairs = 4
+  c.task.power_a = 0.01
+  c.model.kind = "lm"
+  c.model.d_model = 64
+  c.model.vocab_size = 256
+  c.model.pattern = "M"
+  c.model.n_layer = 2
+  c.model.mlp = "none"
+  c.model.d_intermediate = 0
+  c.model.mamba = dict(d_state=16)
+  c.model.attention = dict(n_heads=4)
+  c.model.update(ARCHS[arch])
+  c.train.steps = 400
+  c.train.batch_size = 32
+  c.train.lr = 3e-3
+  c.train.warmup_steps = 20
+  c.train.log_every = 20
+  c.train.eval_every = 100
+  c.checkpoint.every = 100
+  c.wandb.group = "mqar"
+  c.wandb.job_type = arch
+  return lock(c)

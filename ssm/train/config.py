@@ -1,0 +1,33 @@
+"""The defaults of every run config. A config file (configs/<task>.py) starts from
+`base()` and sets the task and the model; every key has a default, and the dict is
+locked so that a misspelt override is an error that names the valid keys."""
+
+import ml_collections as mlc
+
+
+def base():
+  c = mlc.ConfigDict()
+  c.seed = 0
+  c.task = mlc.ConfigDict()  # set by the config file: name and the task's fields
+  c.model = mlc.ConfigDict()  # set by the config file: see ssm.models.config_from_dict
+  c.train = mlc.ConfigDict(dict(
+      steps=1000, batch_size=64, grad_accum=1,
+      lr=1e-3, schedule="cosine", warmup_steps=100, min_lr_ratio=0.1,
+      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, decay_embeddings=False, clip_norm=1.0,
+      log_every=50, eval_every=250, eval_steps=4,
+      peak_flops_per_device=0.0,  # 0: from the device table in ssm.train.metrics
+  ))
+  c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.checkpoint = mlc.ConfigDict(dict(every=500, keep=2, best_metric="eval/loss",
+                                     best_mode="min", async_save=True))
+  c.wandb = mlc.ConfigDict(dict(mode="auto", project="ssm", entity="", group="", job_type="",
+                                name="", tags=()))
+  c.distributed = mlc.ConfigDict(dict(auto=False, coordinator_address="", num_processes=1,
+                                      process_id=0, cpu_collectives="gloo"))
+  return c
+
+
+def lock(c):
+  """Locks the config so that overrides of unknown keys fail."""
+  c.lock()
+  return c

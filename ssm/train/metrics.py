@@ -1,0 +1,81 @@
+"""Where metrics go: a JSON-lines file in the workdir, Weights & Biases (online,
+offline or disabled), and a console progress bar with ETA."""
+
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+
+import jax
+
+log = logging.getLogger("ssm.train")
+
+# Peak dense bf16 FLOP/s per device, for MFU; `train.peak_flops_per_device` overrides.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
+              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
+
+
+def peak_flops(override=0.0):
+  if override:
+    return override
+  kind = jax.devices()[0].device_kind
+  return next((v for k, v in PEAK_FLOPS.items() if k.lower() in kind.lower()), 0.0)
+
+
+def wandb_mode(mode):
+  if mode != "auto":
+    return mode
+  netrc = Path.home() / ".netrc"
+  online = os.environ.get("WANDB_API_KEY") or (netrc.exists() and "api.wandb.ai" in
+                                                netrc.read_text())
+  return "online" if online else "offline"
+
+
+class MetricsWriter:
+  """Writes on process 0 only. On resume the JSON-lines file keeps the rows up to
+  the restored step, so that the file reads as one uninterrupted run."""
+
+  def __init__(self, workdir, cfg, run_config, start_step, total_steps):
+    self.main = jax.process_index() == 0
+    self.path = Path(workdir) / "metrics.jsonl"
+    self.wandb = None
+    self.total, self.start_step, self.t0 = total_steps, start_step, time.time()
+    if not self.main:
+      return
+    if self.path.exists():
+      rows = [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
+      self.path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step))
+    mode = wandb_mode(cfg.mode)
+    if mode != "disabled":
+      import wandb
+      id_file = Path(workdir) / "wandb_id"
+      run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
+      id_file.write_text(run_id)
+      self.wandb = wandb.init(
+          project=cfg.project, entity=cfg.entity or None, group=cfg.group or None,
+          job_type=cfg.job_type or None, name=cfg.name or None, tags=list(cfg.tags) or None,
+          mode=mode, dir=str(workdir), id=run_id, resume="allow", config=run_config)
+
+  def write(self, step, metrics):
+    if not self.main:
+      return
+    metrics = {k: float(v) for k, v in metrics.items()}
+    with self.path.open("a") as f:
+      f.write(json.dumps({"step": step, **metrics}) + "\n")
+    if self.wandb is not None:
+      self.wandb.log(metrics, step=step)
+    done = step - self.start_step
+    eta = (time.time() - self.t0) / max(done, 1) * (self.total - step)
+    shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                     if k in ("loss", "accuracy", "eval/loss", "eval/accuracy", "lr"))
+    print(f"[{step}/{self.total}] {shown} eta {eta:.0f}s", flush=True)
+
+  def summary(self, values):
+    if self.wandb is not None:
+      self.wandb.summary.update({k: float(v) for k, v in values.items()})
+
+  def close(self):
+    if self.wandb is not None:
+      self.wandb.finish()
