@@ -84,7 +84,11 @@ class Trainer:
       return nnx.to_pure_dict(nnx.state(build(model_config, rngs=nnx.Rngs(seed))))
 
     params = jax.jit(init_params, out_shardings=self.param_shardings)()
-    opt_state = jax.jit(self.tx.init)(params)
+    # Optimizer moments are sharded as their parameters; counters are replicated.
+    opt_shardings = optax.tree_utils.tree_map_params(
+        self.tx, lambda _, s: s, jax.eval_shape(self.tx.init, params), self.param_shardings,
+        transform_non_params=lambda _: self.replicated)
+    opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(params)
     put = lambda x: jax.device_put(x, self.replicated)
     return dict(step=put(jnp.zeros((), jnp.int32)), params=params, opt_state=opt_state,
                 rng=put(jax.random.key_data(jax.random.key(seed))),

@@ -1,0 +1,207 @@
+"""ssm.train: the loop on 1 and 8 (fake) devices and on two processes, exact resume
+after SIGTERM, corrupt checkpoints, restoring onto another mesh, W&B records read
+back from disk, NaN stops, and bad meshes and batches.
+
+Multi-device runs go through `ssm-train` in subprocesses, since the number of
+fake CPU devices is fixed when JAX starts."""
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mqar.py")
+# A tiny hybrid (Mamba + attention) so that every sharding rule is exercised.
+TINY = ["--config.model.d_model=32", "--config.model.n_layer=2", "--config.model.pattern=MA",
+        "--config.task.vocab_size=64", "--config.model.vocab_size=64",
+        "--config.task.seq_len=32", "--config.train.batch_size=16",
+        "--config.train.warmup_steps=2", "--config.train.log_every=1",
+        "--config.train.eval_every=0", "--config.wandb.mode=disabled"]
+
+
+def run_train(workdir, *overrides, devices=1, steps=20, env=None, wait=True, process=None):
+  cmd = [sys.executable, "-m", "ssm.train.main", f"--config={CONFIG}:hybrid",
+         f"--workdir={workdir}", f"--config.train.steps={steps}", *TINY, *overrides]
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu", **(env or {}))
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  if not wait:
+    return proc
+  out, _ = proc.communicate(timeout=600)
+  return proc.returncode, out
+
+
+def losses(workdir):
+  rows = [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  return np.array([r["loss"] for r in rows]), [r["step"] for r in rows]
+
+
+def ok(result):
+  code, out = result
+  assert code == 0, out[-3000:]
+  return out
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+  """The reference: 20 steps on one device, checkpoints every 10."""
+  workdir = tmp_path_factory.mktemp("single")
+  ok(run_train(workdir, "--config.checkpoint.every=10"))
+  return workdir
+
+
+def test_eight_devices_with_data_fsdp_and_tensor_parallelism(single, tmp_path):
+  ok(run_train(tmp_path, "--config.mesh.data=2", "--config.mesh.fsdp=2",
+               "--config.mesh.tensor=2", devices=8))
+  (ref, steps), (got, _) = losses(single), losses(tmp_path)
+  assert steps == list(range(1, 21))
+  np.testing.assert_allclose(got, ref, rtol=2e-4)
+  assert ref[-1] < ref[0]
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_through_jax_distributed(single, tmp_path):
+  port = free_port()
+  procs = [run_train(tmp_path, f"--config.distributed.coordinator_address=localhost:{port}",
+                     "--config.distributed.num_processes=2",
+                     f"--config.distributed.process_id={i}", "--config.mesh.fsdp=2",
+                     devices=2, wait=False) for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  np.testing.assert_allclose(losses(tmp_path)[0], losses(single)[0], rtol=2e-4)
+
+
+def test_sigterm_then_resume_is_exact(single, tmp_path):
+  proc = run_train(tmp_path, "--config.checkpoint.every=1000", wait=False)
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 7:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0 and "stopped by SIGTERM" in out, out[-3000:]
+  stopped = len(metrics.read_text().splitlines())
+  assert 7 <= stopped < 20
+  ok(run_train(tmp_path, "--config.checkpoint.every=1000"))
+  (ref, _), (got, steps) = losses(single), losses(tmp_path)
+  assert steps == list(range(1, 21))
+  np.testing.assert_array_equal(got, ref)  # bitwise on CPU
+
+
+def test_corrupt_latest_checkpoint_is_skipped(single, tmp_path):
+  import shutil
+  shutil.copytree(single, tmp_path / "run")
+  run = tmp_path / "run"
+  for f in (run / "checkpoints" / "20").rglob("*"):
+    if f.is_file() and f.stat().st_size > 0:
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  out = ok(run_train(run, "--config.checkpoint.every=10", steps=25))
+  assert "checkpoint at step 20 cannot be restored" in out
+  _, steps = losses(run)
+  assert steps == list(range(1, 26))  # resumed from 10: rows 11..25 rewritten
+
+
+def test_checkpoint_from_eight_devices_restores_on_one(single, tmp_path):
+  import shutil
+  ok(run_train(tmp_path, "--config.mesh.fsdp=4", "--config.mesh.tensor=2",
+               "--config.checkpoint.every=10", devices=8))
+  shutil.rmtree(tmp_path / "checkpoints" / "20")  # resume from the step-10 checkpoint
+  out = ok(run_train(tmp_path, "--config.checkpoint.every=10", devices=1))
+  assert "resumed from step 10" in out
+  np.testing.assert_allclose(losses(tmp_path)[0], losses(single)[0], rtol=2e-4)
+
+
+def read_wandb_records(path):
+  """The records of a .wandb file (a LevelDB-style log of protobuf Records)."""
+  from wandb.proto import wandb_internal_pb2
+
+  data = Path(path).read_bytes()
+  ident, magic, version = struct.unpack("<4sHB", data[:7])
+  assert ident == b":W&B" and magic == 0xBEE1, (ident, magic)
+  records, pos, block, payload = [], 7, 32768, b""
+  while pos + 7 <= len(data):
+    if block - pos % block < 7:  # too little room for a header: the block is padded
+      pos += block - pos % block
+      continue
+    _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+    payload += data[pos + 7:pos + 7 + length]
+    pos += 7 + length
+    if kind in (1, 4):  # FULL or LAST
+      record = wandb_internal_pb2.Record()
+      record.ParseFromString(payload)
+      records.append(record)
+      payload = b""
+    elif kind == 0:
+      break
+  return records
+
+
+def test_wandb_offline_run_is_on_disk(tmp_path):
+  ok(run_train(tmp_path, "--config.wandb.mode=offline", "--config.wandb.group=g1",
+               "--config.wandb.tags=('a','b')", "--config.train.eval_every=5", steps=10))
+  files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+  assert len(files) == 1
+  records = read_wandb_records(files[0])
+  kinds = {r.WhichOneof("record_type") for r in records}
+  assert {"run", "config", "history", "summary"} <= kinds
+  run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+  assert run.group == "g1" and list(run.tags) == ["a", "b"]
+  config = {}
+  for r in records:
+    if r.WhichOneof("record_type") == "config":
+      config.update({i.key: json.loads(i.value_json) for i in r.config.update})
+  assert config["train"]["value"]["steps"] == 10 and config["params"]["value"] > 0
+  history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+             for r in records if r.WhichOneof("record_type") == "history"]
+  logged = [h for h in history if "loss" in h]
+  assert [h["_step"] for h in logged] == list(range(1, 11))
+  np.testing.assert_allclose([h["loss"] for h in logged], losses(tmp_path)[0], rtol=1e-6)
+  assert any("eval/loss" in h for h in history)
+  summary = {}
+  for r in records:
+    if r.WhichOneof("record_type") == "summary":
+      summary.update({i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                      for i in r.summary.update})
+  assert abs(summary["loss"] - losses(tmp_path)[0][-1]) < 1e-5
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+  code, out = run_train(tmp_path, "--config.train.lr=1e30", "--config.train.clip_norm=0",
+                        "--config.train.warmup_steps=0", "--config.checkpoint.every=1",
+                        steps=30)
+  assert code == 3, out[-3000:]
+  message = out[out.index("ssm-train: "):]
+  assert "NaN or inf at step" in message and "last good checkpoint is step" in message
+  bad = int(message.split("at step ")[1].split()[0])
+  good = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert good and max(good) < bad
+
+
+@pytest.mark.parametrize("override,message", [
+    (["--config.mesh.data=3"], "needs 3 devices but 1 are present"),
+    (["--config.mesh.data=2", "--config.train.batch_size=15"], "not divisible by the data-parallel"),
+    (["--config.train.stepz=3"], "stepz"),
+    (["--config.mesh.pipeline=2"], "pipeline"),
+])
+def test_bad_configs_fail_before_compiling(tmp_path, override, message):
+  devices = 2 if "--config.mesh.data=2" in override else 1
+  code, out = run_train(tmp_path, *override, devices=devices)
+  assert code != 0 and message in out, out[-2000:]
+  assert not (tmp_path / "checkpoints").exists()
