@@ -114,6 +114,7 @@ def test_corrupt_latest_checkpoint_is_skipped(single, tmp_path):
       f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
   out = ok(run_train(run, "--config.checkpoint.every=10", steps=25))
   assert "checkpoint at step 20 cannot be restored" in out
+  assert (run / "checkpoints" / "20.unreadable").exists()  # set aside, not deleted
   _, steps = losses(run)
   assert steps == list(range(1, 26))  # resumed from 10: rows 11..25 rewritten
 
@@ -160,14 +161,16 @@ def test_wandb_offline_run_is_on_disk(tmp_path):
   assert len(files) == 1
   records = read_wandb_records(files[0])
   kinds = {r.WhichOneof("record_type") for r in records}
-  assert {"run", "config", "history", "summary"} <= kinds
+  assert {"run", "history", "summary"} <= kinds
   run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
-  assert run.group == "g1" and list(run.tags) == ["a", "b"]
-  config = {}
-  for r in records:
+  assert run.run_group == "g1" and list(run.tags) == ["a", "b"] and run.project == "ssm"
+  config = {i.key: json.loads(i.value_json) for i in run.config.update}
+  for r in records:  # later config updates, if any
     if r.WhichOneof("record_type") == "config":
       config.update({i.key: json.loads(i.value_json) for i in r.config.update})
-  assert config["train"]["value"]["steps"] == 10 and config["params"]["value"] > 0
+  value = lambda v: v["value"] if isinstance(v, dict) and set(v) == {"value"} else v
+  assert value(config["train"])["steps"] == 10 and value(config["params"]) > 0
+  assert value(config["flops_per_step"]) > 0
   history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
              for r in records if r.WhichOneof("record_type") == "history"]
   logged = [h for h in history if "loss" in h]

@@ -2,11 +2,14 @@
 and the input pipeline's position, saved asynchronously every N steps and at the
 end; the last K are kept, and the best by an eval metric. Restore goes onto the
 current mesh, whatever mesh wrote the checkpoint, and skips a checkpoint that
-cannot be read, with a warning, for the one before it."""
+cannot be read, with a warning, for the one before it (the unreadable one is
+renamed <step>.unreadable, not deleted)."""
 
 import logging
+from pathlib import Path
 
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
@@ -43,9 +46,21 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         return step, out["state"], out["data"]
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped
-        log.warning("checkpoint at step %d cannot be restored (%s: %s); trying the one "
-                    "before it", step, type(e).__name__, str(e).splitlines()[0][:200])
+        aside = self._set_aside(step)
+        log.warning("checkpoint at step %d cannot be restored (%s: %s); moved to %s, trying "
+                    "the one before it", step, type(e).__name__,
+                    str(e).splitlines()[0][:200], aside)
     return None
+
+  def _set_aside(self, step):
+    """Renames an unreadable checkpoint (kept for inspection, out of the way)."""
+    path = Path(self.manager.directory) / str(step)
+    aside = path.with_name(f"{step}.unreadable")
+    if jax.process_index() == 0 and path.exists():
+      path.rename(aside)
+    multihost_utils.sync_global_devices(f"set aside {step}")
+    self.manager.reload()
+    return aside
 
   def latest_step(self):
     return self.manager.latest_step()

@@ -47,8 +47,8 @@ def setup_distributed(cfg):
   """jax.distributed from explicit options, or auto-detected where a cluster
   environment (SLURM, TPU pods, ...) is present."""
   if cfg.coordinator_address:
-    if jax.default_backend() == "cpu" or cfg.cpu_collectives:
-      jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives or "gloo")
+    if cfg.cpu_collectives:  # collectives between CPU devices of several processes
+      jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
     jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
   elif cfg.auto:
     try:
