@@ -9,12 +9,15 @@ Zoology's setting is one override away: --config.task.vocab_size=8192
 --config.task.seq_len=256 --config.task.num_kv_pairs=16 --config.model.vocab_size=8192.
 """
 
-from ssm.train.config import base, lock
+from ssm.layers import MambaConfig
+from ssm.layers.attention import AttentionConfig
+from ssm.models import LMConfig
+from ssm.train.config import base, lock, model_config
 
 ARCHS = {
-    "mamba": dict(pattern="M", n_layer=2),
-    "transformer": dict(pattern="A", n_layer=2, mlp="swiglu", d_intermediate=128),
-    "hybrid": dict(pattern="MA", n_layer=2),
+    "mamba": dict(pattern="M"),
+    "transformer": dict(pattern="A", mlp="swiglu", d_intermediate=128),
+    "hybrid": dict(pattern="MA"),
 }
 
 
@@ -27,16 +30,9 @@ def get_config(arch="mamba"):
   c.task.seq_len = 64
   c.task.num_kv_pairs = 4
   c.task.power_a = 0.01
-  c.model.kind = "lm"
-  c.model.d_model = 64
-  c.model.vocab_size = 256
-  c.model.pattern = "M"
-  c.model.n_layer = 2
-  c.model.mlp = "none"
-  c.model.d_intermediate = 0
-  c.model.mamba = dict(d_state=16)
-  c.model.attention = dict(n_heads=4)
-  c.model.update(ARCHS[arch])
+  c.model = model_config(LMConfig(
+      d_model=64, n_layer=2, vocab_size=256, mamba=MambaConfig(d_state=16),
+      attention=AttentionConfig(n_heads=4), **ARCHS[arch]))
   c.train.steps = 400
   c.train.batch_size = 32
   c.train.lr = 3e-3

@@ -208,3 +208,34 @@ def test_bad_configs_fail_before_compiling(tmp_path, override, message):
   code, out = run_train(tmp_path, *override, devices=devices)
   assert code != 0 and message in out, out[-2000:]
   assert not (tmp_path / "checkpoints").exists()
+
+
+def _in_process_config(**train):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("mqar_config", CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config("hybrid")
+  c.model.update(dict(d_model=32, n_layer=2, vocab_size=64))
+  c.task.update(dict(vocab_size=64, seq_len=32))
+  c.train.update(dict(dict(batch_size=16, warmup_steps=2, log_every=1, eval_every=0, steps=8),
+                      **train))
+  c.wandb.mode = "disabled"
+  return c
+
+
+def test_gradient_accumulation_equals_the_full_batch(tmp_path):
+  from ssm.train import train
+  train(_in_process_config(), tmp_path / "full")
+  train(_in_process_config(grad_accum=4), tmp_path / "accum")
+  np.testing.assert_allclose(losses(tmp_path / "accum")[0], losses(tmp_path / "full")[0],
+                             rtol=1e-5)
+
+
+def test_bfloat16_compute_trains(tmp_path):
+  from ssm.train import train
+  c = _in_process_config(steps=30)
+  c.model.dtype = "bfloat16"
+  train(c, tmp_path)
+  got, _ = losses(tmp_path)
+  assert np.all(np.isfinite(got)) and got[-5:].mean() < got[:5].mean()

@@ -2,7 +2,11 @@
 `base()` and sets the task and the model; every key has a default, and the dict is
 locked so that a misspelt override is an error that names the valid keys."""
 
+import dataclasses
+
 import ml_collections as mlc
+
+from ssm.models import KINDS
 
 
 def base():
@@ -31,3 +35,10 @@ def lock(c):
   """Locks the config so that overrides of unknown keys fail."""
   c.lock()
   return c
+
+
+def model_config(config):
+  """A model dataclass (LMConfig, ViTConfig, VimConfig) as a ConfigDict holding every
+  field, so that every model key can be overridden from the command line."""
+  kind = next(k for k, cls in KINDS.items() if isinstance(config, cls))
+  return mlc.ConfigDict(dict(kind=kind, **dataclasses.asdict(config)))

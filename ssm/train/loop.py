@@ -97,6 +97,7 @@ class Trainer:
   # --- the step ------------------------------------------------------------
   def make_step(self, state_shardings):
     graphdef, tx, lr, accum = self.graphdef, self.tx, self.lr, self.config.train.grad_accum
+    batch_sharding = self.batch_sharding
 
     def loss_fn(params, batch):
       logits = nnx.merge(graphdef, params)(batch["inputs"])
@@ -108,6 +109,7 @@ class Trainer:
       micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
 
       def accumulate(carry, mb):
+        mb = jax.lax.with_sharding_constraint(mb, batch_sharding)  # each microbatch split
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
         return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
 
@@ -120,8 +122,8 @@ class Trainer:
       step = state["step"]
       bad = ~jnp.isfinite(loss)
       first_bad = jnp.where((state["first_bad_step"] < 0) & bad, step, state["first_bad_step"])
-      metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
-                     param_norm=optax.global_norm(params), lr=lr(step))
+      metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                     param_norm=optax.tree.norm(params), lr=lr(step))
       new_state = dict(step=step + 1, params=params, opt_state=opt_state, rng=state["rng"],
                        first_bad_step=first_bad)
       return new_state, metrics
@@ -182,6 +184,7 @@ class Trainer:
       for step in range(start, t.steps):
         state, metrics = step_fn(state, self.global_batch(step))
         done = step + 1
+        writer.advance()
         if done % t.log_every == 0 or done == t.steps:
           self._check_finite(state, done, checkpointer)
           elapsed, tick = time.perf_counter() - tick, time.perf_counter()

@@ -4,11 +4,11 @@ offline or disabled), and a console progress bar with ETA."""
 import json
 import logging
 import os
-import time
 import uuid
 from pathlib import Path
 
 import jax
+import tqdm
 
 log = logging.getLogger("ssm.train")
 
@@ -38,10 +38,13 @@ class MetricsWriter:
   the restored step, so that the file reads as one uninterrupted run."""
 
   def __init__(self, workdir, cfg, run_config, start_step, total_steps):
+    """`cfg`: the wandb config (mode online / offline / disabled / auto: online when
+    credentials exist); the run id is kept in the workdir so a resumed run goes on."""
     self.main = jax.process_index() == 0
     self.path = Path(workdir) / "metrics.jsonl"
     self.wandb = None
-    self.total, self.start_step, self.t0 = total_steps, start_step, time.time()
+    self.bar = tqdm.tqdm(total=total_steps, initial=start_step, disable=not self.main,
+                         dynamic_ncols=True, mininterval=2.0, desc="train")
     if not self.main:
       return
     if self.path.exists():
@@ -66,16 +69,18 @@ class MetricsWriter:
       f.write(json.dumps({"step": step, **metrics}) + "\n")
     if self.wandb is not None:
       self.wandb.log(metrics, step=step)
-    done = step - self.start_step
-    eta = (time.time() - self.t0) / max(done, 1) * (self.total - step)
-    shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                     if k in ("loss", "accuracy", "eval/loss", "eval/accuracy", "lr"))
-    print(f"[{step}/{self.total}] {shown} eta {eta:.0f}s", flush=True)
+    self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()
+                          if k in ("loss", "accuracy", "eval/loss", "eval/accuracy")},
+                         refresh=False)
+
+  def advance(self):
+    self.bar.update(1)
 
   def summary(self, values):
     if self.wandb is not None:
       self.wandb.summary.update({k: float(v) for k, v in values.items()})
 
   def close(self):
+    self.bar.close()
     if self.wandb is not None:
       self.wandb.finish()
