@@ -1,11 +1,23 @@
-"""Parameter (and, later, FLOP) accounting, from the models' abstract shapes."""
+"""Parameter and FLOP accounting, and the matching of sizes across architectures.
 
+`param_count` counts the built model's parameters from its abstract shapes;
+`lm_params` is the same count in closed form (tested equal), fast enough to search
+over sizes. FLOPs are forward FLOPs per token (language models) or per image
+(vision models), each term apart; training is 3x forward. Attention scores and
+values are counted in full, 4 * L * d_attn per token per layer (as XLA computes
+the masked matmuls); `causal_half=True` counts only the causal triangle.
+"""
+
+import dataclasses
 import math
 
 import jax
 from flax import nnx
 
-from ssm.models import build
+from ssm.layers.attention import AttentionConfig
+from ssm.models import LMConfig, VimConfig, ViTConfig, build
+
+SCAN_FLOPS = 9  # per (token, channel, state): exp(delta A), the update, <h, C>
 
 
 def abstract_model(config):
@@ -26,3 +38,162 @@ def param_count(config, embeddings=True):
       if isinstance(table, nnx.Param):
         total -= math.prod(table.shape)
   return total
+
+
+def _mamba_dims(d_model, m):
+  E = m.expand * d_model
+  R = math.ceil(d_model / 16) if m.dt_rank == "auto" else m.dt_rank
+  return E, R, m.d_state, m.d_conv
+
+
+def _attn_dims(d_model, a: AttentionConfig):
+  H = a.n_heads
+  return H, a.n_kv_heads or H, a.head_dim or d_model // H
+
+
+def _layer_terms(c: LMConfig, kind):
+  """(parameters, matmul parameters, elementwise FLOPs per token) of one layer."""
+  D = c.d_model
+  norm = D * (2 if c.norm == "layer" else 1)
+  params, matmul, extra = norm, 0, 4 * D  # the norm: ~4 FLOPs per element
+  if kind == "M":
+    E, R, N, K = _mamba_dims(D, c.mamba)
+    w = D * 2 * E + E * (R + 2 * N) + R * E + E * D
+    params += w + K * E + E * c.mamba.conv_bias + E + E * N + E
+    params += (2 * E + D) * c.mamba.bias
+    matmul += w
+    extra += 2 * K * E + SCAN_FLOPS * E * N
+  else:
+    H, G, Kh = _attn_dims(D, c.attention)
+    w = D * H * Kh + 2 * D * G * Kh + H * Kh * D
+    params += w + (H * Kh + 2 * G * Kh + D) * c.attention.bias
+    matmul += w
+  if c.mlp != "none":
+    F = c.d_intermediate
+    w = (3 if c.mlp == "swiglu" else 2) * D * F
+    params += norm + w + (F + D) * (c.mlp != "swiglu")
+    matmul += w
+    extra += 4 * D
+  return params, matmul, extra
+
+
+def lm_params(c: LMConfig):
+  """The language model's exact parameter count, in closed form."""
+  V, D = c.padded_vocab_size, c.d_model
+  total = V * D + (c.max_position_embeddings * D if c.positions == "learned" else 0)
+  total += 0 if c.tie_embeddings else D * V
+  total += sum(_layer_terms(c, kind)[0] for kind in c.layer_mixers)
+  return total + D * (2 if c.norm == "layer" else 1)
+
+
+def lm_flops(c: LMConfig, seq_len, causal_half=False):
+  """Forward FLOPs per token at sequence length `seq_len`, by term."""
+  terms = dict(matmul=0, attention=0, scan=0, conv=0, norms=0)
+  for kind in c.layer_mixers:
+    _, matmul, extra = _layer_terms(c, kind)
+    terms["matmul"] += 2 * matmul
+    if kind == "M":
+      E, _, N, K = _mamba_dims(c.d_model, c.mamba)
+      terms["scan"] += SCAN_FLOPS * E * N
+      terms["conv"] += 2 * K * E
+      terms["norms"] += extra - SCAN_FLOPS * E * N - 2 * K * E
+    else:
+      H, _, Kh = _attn_dims(c.d_model, c.attention)
+      terms["attention"] += 4 * seq_len * H * Kh // (2 if causal_half else 1)
+      terms["norms"] += extra
+  terms["norms"] += 4 * c.d_model
+  terms["head"] = 2 * c.d_model * c.padded_vocab_size
+  terms["total"] = sum(terms.values())
+  return terms
+
+
+def vision_flops(c, causal_half=False):
+  """Forward FLOPs per image for ViTConfig / VimConfig, by term."""
+  del causal_half
+  D, P, R = c.d_model, c.grid**2, c.num_registers
+  T = 1 + R + P
+  terms = dict(patch=2 * c.patch_size**2 * c.channels * D * P, matmul=0, attention=0, scan=0,
+               conv=0, norms=0, head=2 * D * c.num_classes)
+  if isinstance(c, ViTConfig):
+    per_layer = 4 * D * D + 2 * D * c.d_intermediate
+    terms["matmul"] = 2 * per_layer * T * c.n_layer
+    terms["attention"] = 4 * T * T * D * c.n_layer
+    terms["norms"] = 8 * D * T * c.n_layer + 4 * D * T
+  else:
+    E, Rk, N, K = _mamba_dims(D, c.mamba)
+    shared = D * 2 * E + E * D
+    direction = E * (Rk + 2 * N) + Rk * E
+    terms["matmul"] = 2 * (shared + 2 * direction) * T * c.n_layer
+    terms["scan"] = 2 * SCAN_FLOPS * E * N * T * c.n_layer
+    terms["conv"] = 2 * 2 * K * E * T * c.n_layer
+    terms["norms"] = 4 * D * T * (c.n_layer + 1)
+  terms["total"] = sum(terms.values())
+  return terms
+
+
+def flops(config, seq_len=None, causal_half=False):
+  """Forward FLOPs per token (LMs, at `seq_len`) or per image (vision models)."""
+  if isinstance(config, LMConfig):
+    if not seq_len:
+      raise ValueError("language-model FLOPs depend on the sequence length: pass seq_len")
+    return lm_flops(config, seq_len, causal_half)
+  return vision_flops(config)
+
+
+# --- matching ---------------------------------------------------------------------
+
+def family_config(family, d_model, n_layer, vocab_size, like: LMConfig = None):
+  """An LM of a family at a size: "mamba", "transformer++" (head_dim 64, SwiGLU
+  width ~8/3 d_model in multiples of 64) or "hybrid" (Mamba layers with one
+  attention layer in three, "MMA")."""
+  base = like or LMConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab_size)
+  base = dataclasses.replace(base, d_model=d_model, n_layer=n_layer, vocab_size=vocab_size)
+  heads = AttentionConfig(n_heads=max(1, d_model // 64))
+  if family == "mamba":
+    return dataclasses.replace(base, pattern="M", mlp="none", d_intermediate=0)
+  if family == "transformer++":
+    d_ff = max(64, round(8 * d_model / 3 / 64) * 64)
+    return dataclasses.replace(base, pattern="A", mlp="swiglu", d_intermediate=d_ff,
+                               attention=heads)
+  if family == "hybrid":
+    return dataclasses.replace(base, pattern="MMA", mlp="none", d_intermediate=0,
+                               attention=heads)
+  raise ValueError(f"unknown family {family!r}; known: mamba, transformer++, hybrid")
+
+
+# The usual width / depth of each family (mamba-130m: 768 / 24; Transformer++-125M: 768 / 12).
+ASPECT = {"mamba": 32, "transformer++": 64, "hybrid": 32}
+TOLERANCE = 0.005  # among sizes this close to the target, the usual aspect ratio wins
+
+
+def _widths(family, lo, hi):
+  step = 64 if family in ("transformer++", "hybrid") else 8
+  return range(max(step, lo // step * step), hi + 1, step)
+
+
+def match(family, target, *, criterion="params", seq_len=None, vocab_size, like=None,
+          depth=None):
+  """The size of `family` whose parameters (or training FLOPs per token at
+  `seq_len`) come closest to `target`. Searches widths (multiples of 8, or of 64
+  with attention) and depths (or only `depth`); among sizes within 0.5% of the
+  target, the one nearest the family's usual width / depth. Returns (config, value,
+  relative mismatch)."""
+  if criterion not in ("params", "flops"):
+    raise ValueError(f"criterion {criterion!r}: expected 'params' or 'flops'")
+  measure = ((lambda c: lm_params(c)) if criterion == "params"
+             else (lambda c: 3 * lm_flops(c, seq_len)["total"]))
+  best = None
+  depths = [depth] if depth else range(1, 97)
+  for n_layer in depths:
+    for d in _widths(family, 8, 8192):
+      c = family_config(family, d, n_layer, vocab_size, like)
+      value = measure(c)
+      err = abs(value - target) / target
+      aspect = abs(math.log(d / (ASPECT[family] * n_layer)))
+      key = (0, aspect, err) if err <= TOLERANCE else (1, err, aspect)
+      if best is None or key < best[0]:
+        best = (key, c, value, (value - target) / target)
+      if value > 2 * target:
+        break
+  _, c, value, mismatch = best
+  return c, value, mismatch
