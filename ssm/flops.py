@@ -142,42 +142,52 @@ def flops(config, seq_len=None, causal_half=False):
 
 # --- matching ---------------------------------------------------------------------
 
+FAMILIES = ("mamba", "transformer++", "hybrid")
+SMALL = 256  # below this width attention has 4 heads and sizes step by 8
+
+
 def family_config(family, d_model, n_layer, vocab_size, like: LMConfig = None):
-  """An LM of a family at a size: "mamba", "transformer++" (head_dim 64, SwiGLU
-  width ~8/3 d_model in multiples of 64) or "hybrid" (Mamba layers with one
-  attention layer in three, "MMA")."""
+  """An LM of a family at a size: "mamba", "transformer++" (SwiGLU width ~8/3
+  d_model) or "hybrid" (Mamba layers with one attention layer in three, "MMA").
+  Attention has head_dim 64 from width 256 up (widths in multiples of 64), and 4
+  heads below (widths in multiples of 8)."""
   base = like or LMConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab_size)
   base = dataclasses.replace(base, d_model=d_model, n_layer=n_layer, vocab_size=vocab_size)
-  heads = AttentionConfig(n_heads=max(1, d_model // 64))
+  small = d_model < SMALL
+  heads = dataclasses.replace(base.attention, n_heads=4 if small else d_model // 64,
+                              n_kv_heads=None, head_dim=None)
   if family == "mamba":
     return dataclasses.replace(base, pattern="M", mlp="none", d_intermediate=0)
   if family == "transformer++":
-    d_ff = max(64, round(8 * d_model / 3 / 64) * 64)
+    step = 8 if small else 64
+    d_ff = max(step, round(8 * d_model / 3 / step) * step)
     return dataclasses.replace(base, pattern="A", mlp="swiglu", d_intermediate=d_ff,
                                attention=heads)
   if family == "hybrid":
     return dataclasses.replace(base, pattern="MMA", mlp="none", d_intermediate=0,
                                attention=heads)
-  raise ValueError(f"unknown family {family!r}; known: mamba, transformer++, hybrid")
+  raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
 
 
 # The usual width / depth of each family (mamba-130m: 768 / 24; Transformer++-125M: 768 / 12).
 ASPECT = {"mamba": 32, "transformer++": 64, "hybrid": 32}
-TOLERANCE = 0.005  # among sizes this close to the target, the usual aspect ratio wins
+TOLERANCE = 0.02  # among sizes this close to the target, the usual shape wins
 
 
-def _widths(family, lo, hi):
-  step = 64 if family in ("transformer++", "hybrid") else 8
-  return range(max(step, lo // step * step), hi + 1, step)
+def _widths(family):
+  if family == "mamba":
+    return range(8, 8193, 8)
+  return [*range(8, SMALL, 8), *range(SMALL, 8193, 64)]
 
 
 def match(family, target, *, criterion="params", seq_len=None, vocab_size, like=None,
-          depth=None):
+          depth=None, depth_hint=None):
   """The size of `family` whose parameters (or training FLOPs per token at
   `seq_len`) come closest to `target`. Searches widths (multiples of 8, or of 64
-  with attention) and depths (or only `depth`); among sizes within 0.5% of the
-  target, the one nearest the family's usual width / depth. Returns (config, value,
-  relative mismatch)."""
+  from 256 up with attention) and depths (or only `depth`); among sizes within 2%
+  of the target, the one nearest `depth_hint` layers, or else the family's usual
+  width / depth. A hybrid has at least one layer of each kind. Returns (config,
+  value, relative mismatch)."""
   if criterion not in ("params", "flops"):
     raise ValueError(f"criterion {criterion!r}: expected 'params' or 'flops'")
   measure = ((lambda c: lm_params(c)) if criterion == "params"
@@ -185,11 +195,14 @@ def match(family, target, *, criterion="params", seq_len=None, vocab_size, like=
   best = None
   depths = [depth] if depth else range(1, 97)
   for n_layer in depths:
-    for d in _widths(family, 8, 8192):
+    for d in _widths(family):
       c = family_config(family, d, n_layer, vocab_size, like)
+      if family == "hybrid" and set(c.layer_mixers) != {"M", "A"}:
+        break
       value = measure(c)
       err = abs(value - target) / target
-      aspect = abs(math.log(d / (ASPECT[family] * n_layer)))
+      aspect = abs(math.log(n_layer / depth_hint if depth_hint
+                            else d / (ASPECT[family] * n_layer)))
       key = (0, aspect, err) if err <= TOLERANCE else (1, err, aspect)
       if best is None or key < best[0]:
         best = (key, c, value, (value - target) / target)

@@ -1,0 +1,30 @@
+"""The default comparison: Mamba vs Transformer++ vs a hybrid, matched on
+parameters, on MQAR at CPU size (a few minutes on a 2-core CPU).
+
+  ssm-compare --config configs/compare/mqar.py --workdir runs/compare-mqar
+
+More sizes, seeds and learning rates (as Zoology sweeps them) are overrides away:
+  --config.sizes='(64,128,256)' --config.seeds='(0,1,2)' --config.lrs='(1e-3,3e-3,1e-2)'
+Matching on training FLOPs per token instead: --config.match=flops.
+"""
+
+import ml_collections as mlc
+
+
+def get_config():
+  c = mlc.ConfigDict()
+  c.name = "mqar-params"
+  c.base = "configs/mqar.py:mamba"  # the task, training and logging settings of each run
+  c.families = ("mamba", "transformer++", "hybrid")
+  c.reference = mlc.ConfigDict(dict(family="mamba", n_layer=2))
+  c.sizes = (64,)  # reference widths; the other families are matched to each
+  c.match = "params"  # or "flops" (training FLOPs per token at the task's length)
+  c.tolerance = 0.02
+  c.seeds = (0,)
+  c.lrs = (3e-3,)
+  c.select = mlc.ConfigDict(dict(metric="eval_loss", mode="min"))  # picks the best lr
+  # applied to every run's config (the keys of configs/mqar.py)
+  c.overrides = mlc.ConfigDict(dict(train=dict(steps=400, eval_every=200),
+                                    checkpoint=dict(every=100)))
+  c.wandb_mode = "auto"
+  return c

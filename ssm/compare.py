@@ -1,0 +1,222 @@
+"""`ssm-compare --config configs/compare/<x>.py [--workdir DIR]`: a matched comparison.
+
+A sweep over architectures x sizes x seeds x learning rates on one task, every run
+through the shared loop. For each reference size, the other architectures are
+matched to it on parameters or on training FLOPs per token (ssm.flops.match).
+Finished runs are skipped and interrupted ones resume, so rerunning the command
+finishes the sweep. The best learning rate per (architecture, size) is reported,
+as Zoology does. At the end: results.csv, results.md and plots in the workdir.
+"""
+
+import csv
+import dataclasses
+import importlib.util
+import json
+import logging
+import statistics
+import sys
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from ssm.flops import lm_flops, lm_params, match, family_config
+from ssm.train import train
+from ssm.train.config import model_config
+
+log = logging.getLogger("ssm.compare")
+
+
+def load_config_file(spec):
+  """'path/to/config.py[:arg]' -> the ConfigDict its get_config(arg) returns."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+@dataclasses.dataclass
+class Run:
+  family: str
+  size: int  # the reference width this run is matched to
+  seed: int
+  lr: float
+  model: object  # LMConfig
+
+  @property
+  def name(self):
+    return (f"{self.family}-d{self.model.d_model}-l{self.model.n_layer}-ref{self.size}"
+            f"-s{self.seed}-lr{self.lr:g}")
+
+
+def plan(cfg):
+  """Every run of the sweep, its model matched to the reference at its size."""
+  base = load_config_file(cfg.base)
+  vocab = base.model.vocab_size
+  seq_len = base.task.seq_len
+  runs = []
+  for size in cfg.sizes:
+    ref = family_config(cfg.reference.family, size, cfg.reference.n_layer, vocab)
+    target = (lm_params(ref) if cfg.match == "params"
+              else 3 * lm_flops(ref, seq_len)["total"])
+    for family in cfg.families:
+      if family == cfg.reference.family:
+        model = ref
+      else:
+        hint = cfg.reference.n_layer * (0.5 if family == "transformer++" else 1.0)
+        model, _, mismatch = match(family, target, criterion=cfg.match, seq_len=seq_len,
+                                   vocab_size=vocab, depth_hint=hint)
+        if abs(mismatch) > cfg.tolerance:
+          raise ValueError(f"{family} cannot be matched to {cfg.reference.family} d_model "
+                           f"{size} within {cfg.tolerance:.0%} ({mismatch:+.1%})")
+      for seed in cfg.seeds:
+        for lr in cfg.lrs:
+          runs.append(Run(family, size, seed, lr, model))
+  return base, runs
+
+
+def run_config(cfg, base, run):
+  c = load_config_file(cfg.base)
+  c.unlock()
+  c.model = model_config(run.model)
+  c.seed = run.seed
+  c.train.lr = run.lr
+  c.wandb.group, c.wandb.job_type, c.wandb.name = cfg.name, run.family, run.name
+  c.wandb.mode = cfg.wandb_mode
+  _update(c, cfg.overrides.to_dict(), "overrides")
+  c.lock()
+  return c
+
+
+def _update(config, overrides, where):
+  for key, value in overrides.items():
+    if key not in config:
+      raise KeyError(f"{where}.{key}: the run config has no such key; it has {sorted(config)}")
+    if isinstance(value, dict):
+      _update(config[key], value, f"{where}.{key}")
+    else:
+      config[key] = value
+
+
+def execute(cfg, workdir):
+  """Runs what is not finished; returns the result rows of every run."""
+  base, runs = plan(cfg)
+  rows = []
+  for i, run in enumerate(runs):
+    run_dir = Path(workdir) / "runs" / run.name
+    result_file = run_dir / "result.json"
+    if result_file.exists():
+      log.info("[%d/%d] %s: finished, skipped", i + 1, len(runs), run.name)
+    else:
+      log.info("[%d/%d] %s", i + 1, len(runs), run.name)
+      c = run_config(cfg, base, run)
+      final = train(c, run_dir)
+      metrics = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+      seq_len, steps = c.task.seq_len, c.train.steps
+      tokens = steps * c.train.batch_size * seq_len
+      result = dict(
+          family=run.family, size=run.size, seed=run.seed, lr=run.lr,
+          d_model=run.model.d_model, n_layer=run.model.n_layer,
+          params=lm_params(run.model),
+          train_flops_per_token=3 * lm_flops(run.model, seq_len)["total"],
+          tokens=tokens, seq_len=seq_len,
+          eval_loss=final.get("eval/loss", float("nan")),
+          eval_accuracy=final.get("eval/accuracy", float("nan")),
+          tokens_per_sec=statistics.median(m["tokens_per_sec"] for m in metrics[1:] or metrics))
+      result["train_flops"] = result["train_flops_per_token"] * tokens
+      result_file.write_text(json.dumps(result, indent=1))
+    rows.append(json.loads(result_file.read_text()))
+  return rows
+
+
+def best_rows(rows, metric="eval_loss", mode="min"):
+  """Per (family, size): the learning rate with the best mean over seeds."""
+  groups = {}
+  for r in rows:
+    groups.setdefault((r["family"], r["size"], r["lr"]), []).append(r)
+  best = {}
+  for (family, size, lr), rs in groups.items():
+    mean = {k: statistics.mean(r[k] for r in rs) for k in
+            ("eval_loss", "eval_accuracy", "tokens_per_sec")}
+    row = dict(rs[0], **mean, seeds=len(rs))
+    key = (family, size)
+    sign = 1 if mode == "min" else -1
+    if key not in best or sign * row[metric] < sign * best[key][metric]:
+      best[key] = row
+  return sorted(best.values(), key=lambda r: (r["size"], r["family"]))
+
+
+COLUMNS = ["family", "d_model", "n_layer", "params", "train_flops_per_token", "tokens", "lr",
+           "seeds", "eval_loss", "eval_accuracy", "tokens_per_sec"]
+
+
+def write_tables(rows, workdir):
+  workdir = Path(workdir)
+  with (workdir / "results.csv").open("w", newline="") as f:
+    writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+  fmt = {"params": "{:,}", "train_flops_per_token": "{:.3g}", "tokens": "{:,}", "lr": "{:g}",
+         "eval_loss": "{:.4f}", "eval_accuracy": "{:.4f}", "tokens_per_sec": "{:,.0f}"}
+  lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+  for r in rows:
+    lines.append("| " + " | ".join(fmt.get(k, "{}").format(r[k]) for k in COLUMNS) + " |")
+  table = "\n".join(lines) + "\n"
+  (workdir / "results.md").write_text(table)
+  return table
+
+
+def plot(rows, workdir):
+  """eval loss vs training FLOPs and vs parameters, one line per architecture."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for family in sorted({r["family"] for r in rows}):
+    rs = sorted((r for r in rows if r["family"] == family), key=lambda r: r["params"])
+    axes[0].plot([r["train_flops"] for r in rs], [r["eval_loss"] for r in rs], "o-", label=family)
+    axes[1].plot([r["params"] for r in rs], [r["eval_loss"] for r in rs], "o-", label=family)
+  for ax, label in zip(axes, ("training FLOPs", "parameters")):
+    ax.set_xscale("log")
+    ax.set_xlabel(label)
+    ax.set_ylabel("eval loss")
+    ax.grid(alpha=0.3)
+  axes[0].legend()
+  fig.tight_layout()
+  path = Path(workdir) / "loss.png"
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def compare(cfg, workdir):
+  workdir = Path(workdir or Path("runs") / cfg.name)
+  workdir.mkdir(parents=True, exist_ok=True)
+  rows = best_rows(execute(cfg, workdir), cfg.select.metric, cfg.select.mode)
+  table = write_tables(rows, workdir)
+  figure = plot(rows, workdir)
+  return workdir, table, figure
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/compare/<x>.py",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "default: runs/<comparison name>")
+
+
+def _main(argv):
+  del argv
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  workdir, table, figure = compare(_CONFIG.value, _WORKDIR.value)
+  print(f"\n{table}\nresults: {workdir / 'results.csv'}, {workdir / 'results.md'}\n"
+        f"plot: {figure}", flush=True)
+
+
+def main():
+  flags.mark_flags_as_required(["config"])
+  app.run(_main)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
