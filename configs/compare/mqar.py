@@ -24,7 +24,8 @@ def get_config():
   c.lrs = (3e-3,)
   c.select = mlc.ConfigDict(dict(metric="eval_loss", mode="min"))  # picks the best lr
   # applied to every run's config (the keys of configs/mqar.py)
-  c.overrides = mlc.ConfigDict(dict(train=dict(steps=400, eval_every=200),
-                                    checkpoint=dict(every=100)))
+  c.overrides = mlc.ConfigDict(dict(
+      train=dict(steps=400, batch_size=32, log_every=20, eval_every=200, eval_steps=4),
+      task=dict(seq_len=64, num_kv_pairs=4), checkpoint=dict(every=100)))
   c.wandb_mode = "auto"
   return c

@@ -1,0 +1,69 @@
+"""ssm.compare: the plan matches sizes; a killed sweep finishes on rerun without
+redoing finished runs; tables and plots are written."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ssm.compare import load_config_file, plan
+from ssm.flops import lm_params
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "compare" / "mqar.py")
+TINY = ["--config.overrides.train.steps=6", "--config.overrides.train.eval_every=6",
+        "--config.overrides.train.log_every=3", "--config.overrides.checkpoint.every=3",
+        "--config.wandb_mode=disabled"]
+
+
+def test_plan_matches_every_family_within_tolerance():
+  cfg = load_config_file(CONFIG)
+  cfg.sizes = (64, 96)
+  cfg.lrs = (1e-3, 3e-3)
+  _, runs = plan(cfg)
+  assert len(runs) == 2 * 3 * 2
+  for size in (64, 96):
+    target = lm_params(next(r.model for r in runs if r.family == "mamba" and r.size == size))
+    for r in runs:
+      if r.size == size:
+        assert abs(lm_params(r.model) - target) / target <= 0.02
+  hybrid = next(r.model for r in runs if r.family == "hybrid")
+  assert set(hybrid.layer_mixers) == {"M", "A"}
+
+
+def compare(workdir, wait=True):
+  cmd = [sys.executable, "-m", "ssm.compare", f"--config={CONFIG}", f"--workdir={workdir}",
+         *TINY]
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  if not wait:
+    return proc
+  out, _ = proc.communicate(timeout=900)
+  assert proc.returncode == 0, out[-3000:]
+  return out
+
+
+def test_killed_sweep_finishes_without_redoing_runs(tmp_path):
+  proc = compare(tmp_path, wait=False)
+  runs = tmp_path / "runs"
+  deadline = time.time() + 600
+  while time.time() < deadline and len(list(runs.glob("*/result.json"))) < 1:
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)  # no clean shutdown at all
+  proc.communicate()
+  finished = {p.parent.name: p.stat().st_mtime_ns for p in runs.glob("*/result.json")}
+  assert 1 <= len(finished) < 3
+  out = compare(tmp_path)
+  assert out.count("finished, skipped") == len(finished)
+  for name, mtime in finished.items():
+    assert (runs / name / "result.json").stat().st_mtime_ns == mtime
+  results = [json.loads(p.read_text()) for p in runs.glob("*/result.json")]
+  assert sorted(r["family"] for r in results) == ["hybrid", "mamba", "transformer++"]
+  table = (tmp_path / "results.md").read_text()
+  assert all(f in table for f in ("mamba", "transformer++", "hybrid", "eval_loss"))
+  assert (tmp_path / "results.csv").exists() and (tmp_path / "loss.png").stat().st_size > 0
