@@ -176,7 +176,7 @@ TOLERANCE = 0.02  # among sizes this close to the target, the usual shape wins
 
 def _widths(family):
   if family == "mamba":
-    return range(8, 8193, 8)
+    return list(range(8, 8193, 8))
   return [*range(8, SMALL, 8), *range(SMALL, 8193, 64)]
 
 
@@ -195,6 +195,8 @@ def match(family, target, *, criterion="params", seq_len=None, vocab_size, like=
   best = None
   depths = [depth] if depth else range(1, 97)
   for n_layer in depths:
+    if measure(family_config(family, _widths(family)[0], n_layer, vocab_size, like)) > 2 * target:
+      break  # deeper is only bigger
     for d in _widths(family):
       c = family_config(family, d, n_layer, vocab_size, like)
       if family == "hybrid" and set(c.layer_mixers) != {"M", "A"}:

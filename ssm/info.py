@@ -1,14 +1,16 @@
-"""`ssm-info NAME`: a model's size without training it (or allocating it).
+"""`ssm-info NAME_OR_CONFIG`: a model's size and cost without training it (or allocating it).
 
   ssm-info mamba-130m
+  ssm-info mamba-370m --seq-len 8192 --match transformer++,hybrid
+  ssm-info configs/mqar.py:hybrid
   ssm-info --list
 """
 
 import argparse
 import sys
 
-from ssm.flops import param_count
-from ssm.models import PRESETS, LMConfig, ViTConfig, get_preset
+from ssm.flops import flops, match, param_count
+from ssm.models import PRESETS, LMConfig, ViTConfig, config_from_dict, get_preset
 
 
 def architecture(config):
@@ -36,14 +38,39 @@ def architecture(config):
           f"classes {config.num_classes}")
 
 
-def describe(name):
-  config = get_preset(name)
+def resolve(name):
+  """A preset name, or a config file 'path.py[:arg]' (its model and task length)."""
+  if name.split(":")[0].endswith(".py"):
+    from ssm.compare import load_config_file
+    c = load_config_file(name)
+    return config_from_dict(c.model), c.task.get("seq_len")
+  return get_preset(name), None
+
+
+def describe(name, seq_len=None, match_families=()):
+  config, config_len = resolve(name)
+  seq_len = seq_len or config_len or 2048
   rows = [("model", name), ("architecture", architecture(config))]
   if isinstance(config, LMConfig):
     vocab, padded = config.vocab_size, config.padded_vocab_size
     rows.append(("vocabulary", f"{vocab}" + (f" (padded to {padded})" if padded != vocab else "")))
-  rows += [("parameters", f"{param_count(config):,}"),
+  params = param_count(config)
+  rows += [("parameters", f"{params:,}"),
            ("non-embedding", f"{param_count(config, embeddings=False):,}")]
+  terms = flops(config, seq_len)
+  unit = f"per token at length {seq_len}" if isinstance(config, LMConfig) else "per image"
+  rows.append((f"forward FLOPs", f"{terms['total']:.4g} {unit} (" + ", ".join(
+      f"{k} {v:.3g}" for k, v in terms.items() if k != "total" and v) + ")"))
+  rows.append(("training FLOPs", f"{3 * terms['total']:.4g} {unit} (3x forward; attention "
+                                 "counted in full, not the causal half)"))
+  for family in match_families:
+    if not isinstance(config, LMConfig):
+      raise ValueError("--match applies to language models")
+    for criterion, target in (("params", params), ("flops", 3 * terms["total"])):
+      m, value, mismatch = match(family, target, criterion=criterion, seq_len=seq_len,
+                                 vocab_size=config.vocab_size)
+      rows.append((f"{family} @ {criterion}",
+                   f"d_model {m.d_model}, n_layer {m.n_layer}: {value:,.4g} ({mismatch:+.2%})"))
   width = max(len(k) for k, _ in rows)
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -51,15 +78,20 @@ def describe(name):
 def main(argv=None):
   parser = argparse.ArgumentParser(prog="ssm-info", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("name", nargs="?", help="a preset name (ssm-info --list shows them)")
+  parser.add_argument("name", nargs="?",
+                      help="a preset (ssm-info --list shows them) or configs/<task>.py:<arch>")
   parser.add_argument("--list", action="store_true", help="list the presets")
+  parser.add_argument("--seq-len", type=int, help="sequence length for LM FLOPs (default: "
+                      "the config's, else 2048)")
+  parser.add_argument("--match", default="", help="families to match, e.g. transformer++,hybrid")
   args = parser.parse_args(argv)
   if args.list or args.name is None:
     print("\n".join(PRESETS))
     return 0
+  families = [f for f in args.match.split(",") if f]
   try:
-    print(describe(args.name))
-  except KeyError as e:
+    print(describe(args.name, args.seq_len, families))
+  except (KeyError, ValueError) as e:
     print(f"ssm-info: {e.args[0]}", file=sys.stderr)
     return 2
   return 0

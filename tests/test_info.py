@@ -1,5 +1,6 @@
 """ssm-info: counts from the abstract model, clear errors."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,4 +32,21 @@ def test_exact_counts_of_the_baselines(capsys):
   for name, count in [("gpt2-small", "124,439,808"), ("vit-b16", "86,567,656"),
                       ("vit-s16", "22,050,664"), ("vit-ti16", "5,717,416")]:
     assert main([name]) == 0
-    assert f"parameters     {count}" in capsys.readouterr().out
+    assert re.search(rf"^parameters\s+{count}$", capsys.readouterr().out, re.M)
+
+
+def test_flops_and_matches(capsys):
+  assert main(["mamba-130m", "--seq-len", "1024", "--match", "transformer++"]) == 0
+  out = capsys.readouterr().out
+  assert "per token at length 1024" in out and "scan" in out
+  lines = [l for l in out.splitlines() if l.startswith("transformer++ @")]
+  assert len(lines) == 2  # matched on parameters and on training FLOPs
+  for line in lines:
+    assert abs(float(line.split("(")[-1].rstrip("%)"))) <= 2.0
+
+
+def test_config_files(capsys):
+  assert main(["configs/mqar.py:hybrid"]) == 0
+  out = capsys.readouterr().out
+  assert "hybrid LM (MA)" in out and "per token at length 64" in out
+  assert main(["vit-s16", "--match", "mamba"]) == 2

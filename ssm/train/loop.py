@@ -61,7 +61,7 @@ class Trainer:
   """Builds everything a run needs from its config; `run()` trains."""
 
   def __init__(self, config, workdir):
-    self.config, self.workdir = config, Path(workdir)
+    self.config, self.workdir = config, Path(workdir).absolute()  # orbax wants absolute paths
     t = config.train
     self.mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch(t.batch_size, self.mesh, t.grad_accum)
