@@ -232,10 +232,12 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path):
                              rtol=1e-5)
 
 
-def test_bfloat16_compute_trains(tmp_path):
+def test_bfloat16_compute_trains(tmp_path, monkeypatch):
   from ssm.train import train
   c = _in_process_config(steps=30)
   c.model.dtype = "bfloat16"
-  train(c, tmp_path)
-  got, _ = losses(tmp_path)
+  c.checkpoint.every = 10
+  monkeypatch.chdir(tmp_path)
+  train(c, "run")  # a relative workdir
+  got, _ = losses(tmp_path / "run")
   assert np.all(np.isfinite(got)) and got[-5:].mean() < got[:5].mean()
