@@ -207,7 +207,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "default: runs/<comparison name>
 
 def _main(argv):
   del argv
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every step at INFO
+  logging.getLogger("ssm").setLevel(logging.INFO)
   workdir, table, figure = compare(_CONFIG.value, _WORKDIR.value)
   print(f"\n{table}\nresults: {workdir / 'results.csv'}, {workdir / 'results.md'}\n"
         f"plot: {figure}", flush=True)

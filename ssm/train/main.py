@@ -15,7 +15,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and metrics g
 
 def _main(argv):
   del argv
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every step at INFO
+  logging.getLogger("ssm").setLevel(logging.INFO)
   try:
     train(_CONFIG.value, _WORKDIR.value)
   except NonFiniteLoss as e:
