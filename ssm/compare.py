@@ -52,7 +52,7 @@ class Run:
 
 def plan(cfg):
   """Every run of the sweep, its model matched to the reference at its size."""
-  base = load_config_file(cfg.base)
+  base = base_config(cfg)
   vocab = base.model.vocab_size
   seq_len = base.task.seq_len
   runs = []
@@ -73,18 +73,24 @@ def plan(cfg):
       for seed in cfg.seeds:
         for lr in cfg.lrs:
           runs.append(Run(family, size, seed, lr, model))
-  return base, runs
+  return runs
 
 
-def run_config(cfg, base, run):
+def base_config(cfg):
+  """The base run config with the comparison's overrides, unlocked."""
   c = load_config_file(cfg.base)
   c.unlock()
+  _update(c, cfg.overrides.to_dict(), "overrides")
+  return c
+
+
+def run_config(cfg, run):
+  c = base_config(cfg)
   c.model = model_config(run.model)
   c.seed = run.seed
   c.train.lr = run.lr
   c.wandb.group, c.wandb.job_type, c.wandb.name = cfg.name, run.family, run.name
   c.wandb.mode = cfg.wandb_mode
-  _update(c, cfg.overrides.to_dict(), "overrides")
   c.lock()
   return c
 
@@ -101,7 +107,7 @@ def _update(config, overrides, where):
 
 def execute(cfg, workdir):
   """Runs what is not finished; returns the result rows of every run."""
-  base, runs = plan(cfg)
+  runs = plan(cfg)
   rows = []
   for i, run in enumerate(runs):
     run_dir = Path(workdir) / "runs" / run.name
@@ -110,7 +116,7 @@ def execute(cfg, workdir):
       log.info("[%d/%d] %s: finished, skipped", i + 1, len(runs), run.name)
     else:
       log.info("[%d/%d] %s", i + 1, len(runs), run.name)
-      c = run_config(cfg, base, run)
+      c = run_config(cfg, run)
       final = train(c, run_dir)
       metrics = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
       seq_len, steps = c.task.seq_len, c.train.steps

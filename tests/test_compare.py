@@ -25,7 +25,7 @@ def test_plan_matches_every_family_within_tolerance():
   cfg = load_config_file(CONFIG)
   cfg.sizes = (64, 96)
   cfg.lrs = (1e-3, 3e-3)
-  _, runs = plan(cfg)
+  runs = plan(cfg)
   assert len(runs) == 2 * 3 * 2
   for size in (64, 96):
     target = lm_params(next(r.model for r in runs if r.family == "mamba" and r.size == size))
