@@ -13,14 +13,19 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import os
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
+import ml_collections as mlc
 from absl import app, flags
 from ml_collections import config_flags
 
-from ssm.flops import lm_flops, lm_params, match, family_config
+from ssm.flops import family_config, lm_flops, lm_params, match
+from ssm.models import config_from_dict
 from ssm.train import train
 from ssm.train.config import model_config
 
@@ -66,7 +71,8 @@ def plan(cfg):
       else:
         hint = cfg.reference.n_layer * (0.5 if family == "transformer++" else 1.0)
         model, _, mismatch = match(family, target, criterion=cfg.match, seq_len=seq_len,
-                                   vocab_size=vocab, depth_hint=hint)
+                                   vocab_size=vocab, depth_hint=hint,
+                                   depth=cfg.reference.n_layer if cfg.same_depth else None)
         if abs(mismatch) > cfg.tolerance:
           raise ValueError(f"{family} cannot be matched to {cfg.reference.family} d_model "
                            f"{size} within {cfg.tolerance:.0%} ({mismatch:+.1%})")
@@ -106,34 +112,75 @@ def _update(config, overrides, where):
 
 
 def execute(cfg, workdir):
-  """Runs what is not finished; returns the result rows of every run."""
+  """Runs what is not finished, `cfg.parallel` at a time; returns every run's result."""
   runs = plan(cfg)
-  rows = []
+  pending = []
   for i, run in enumerate(runs):
-    run_dir = Path(workdir) / "runs" / run.name
-    result_file = run_dir / "result.json"
-    if result_file.exists():
+    run_dir = Path(workdir).absolute() / "runs" / run.name
+    if (run_dir / "result.json").exists():
       log.info("[%d/%d] %s: finished, skipped", i + 1, len(runs), run.name)
-    else:
-      log.info("[%d/%d] %s", i + 1, len(runs), run.name)
-      c = run_config(cfg, run)
-      final = train(c, run_dir)
-      metrics = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-      seq_len, steps = c.task.seq_len, c.train.steps
-      tokens = steps * c.train.batch_size * seq_len
-      result = dict(
-          family=run.family, size=run.size, seed=run.seed, lr=run.lr,
-          d_model=run.model.d_model, n_layer=run.model.n_layer,
-          params=lm_params(run.model),
-          train_flops_per_token=3 * lm_flops(run.model, seq_len)["total"],
-          tokens=tokens, seq_len=seq_len,
-          eval_loss=final.get("eval/loss", float("nan")),
-          eval_accuracy=final.get("eval/accuracy", float("nan")),
-          tokens_per_sec=statistics.median(m["tokens_per_sec"] for m in metrics[1:] or metrics))
-      result["train_flops"] = result["train_flops_per_token"] * tokens
-      result_file.write_text(json.dumps(result, indent=1))
-    rows.append(json.loads(result_file.read_text()))
-  return rows
+      continue
+    run_dir.mkdir(parents=True, exist_ok=True)
+    request = dict(run=dataclasses.asdict(run) | {"model": None}, config=json.loads(
+        run_config(cfg, run).to_json_best_effort()))
+    (run_dir / "request.json").write_text(json.dumps(request, indent=1))
+    pending.append(run_dir)
+  if cfg.parallel <= 1:
+    for run_dir in pending:
+      log.info("%s", run_dir.name)
+      run_one(run_dir)
+  else:
+    _run_in_parallel(pending, cfg.parallel)
+  return [json.loads((Path(workdir) / "runs" / r.name / "result.json").read_text())
+          for r in runs]
+
+
+def _run_in_parallel(run_dirs, parallel):
+  """Each run in its own process; on GPUs each gets its own share of the devices."""
+  import jax
+  devices = [d.id for d in jax.local_devices()] if jax.default_backend() == "gpu" else []
+  share = max(1, len(devices) // parallel) if devices else 0
+  queue, active = list(run_dirs), []
+  while queue or active:
+    while queue and len(active) < parallel:
+      slot = next(i for i in range(parallel) if i not in [s for s, _, _ in active])
+      env = dict(os.environ)
+      if devices:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices[slot * share:(slot + 1) * share]))
+      run_dir = queue.pop(0)
+      log.info("%s (in parallel)", run_dir.name)
+      cmd = [sys.executable, "-c", f"from ssm.compare import run_one; run_one({str(run_dir)!r})"]
+      active.append((slot, run_dir, subprocess.Popen(cmd, env=env)))
+    time.sleep(0.5)
+    for entry in list(active):
+      slot, run_dir, proc = entry
+      if proc.poll() is not None:
+        active.remove(entry)
+        if proc.returncode:
+          raise RuntimeError(f"run {run_dir.name} failed (exit {proc.returncode}); see its "
+                             f"output above; rerun the comparison to resume it")
+
+
+def run_one(run_dir):
+  """Trains the run described by run_dir/request.json and writes run_dir/result.json."""
+  run_dir = Path(run_dir)
+  request = json.loads((run_dir / "request.json").read_text())
+  c = mlc.ConfigDict(request["config"])
+  run = request["run"]
+  model = config_from_dict(c.model)
+  final = train(c, run_dir)
+  metrics = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  seq_len, steps = c.task.seq_len, c.train.steps
+  tokens = steps * c.train.batch_size * seq_len
+  result = dict(
+      family=run["family"], size=run["size"], seed=run["seed"], lr=run["lr"],
+      d_model=model.d_model, n_layer=model.n_layer, params=lm_params(model),
+      train_flops_per_token=3 * lm_flops(model, seq_len)["total"], tokens=tokens,
+      seq_len=seq_len, eval_loss=final.get("eval/loss", float("nan")),
+      eval_accuracy=final.get("eval/accuracy", float("nan")),
+      tokens_per_sec=statistics.median(m["tokens_per_sec"] for m in metrics[1:] or metrics))
+  result["train_flops"] = result["train_flops_per_token"] * tokens
+  (run_dir / "result.json").write_text(json.dumps(result, indent=1))
 
 
 def best_rows(rows, metric="eval_loss", mode="min"):

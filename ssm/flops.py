@@ -148,7 +148,8 @@ SMALL = 256  # below this width attention has 4 heads and sizes step by 8
 
 def family_config(family, d_model, n_layer, vocab_size, like: LMConfig = None):
   """An LM of a family at a size: "mamba", "transformer++" (SwiGLU width ~8/3
-  d_model) or "hybrid" (Mamba layers with one attention layer in three, "MMA").
+  d_model) or "hybrid" (Mamba layers with one attention layer in three, "MMA";
+  "MA" with two layers).
   Attention has head_dim 64 from width 256 up (widths in multiples of 64), and 4
   heads below (widths in multiples of 8)."""
   base = like or LMConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab_size)
@@ -164,8 +165,8 @@ def family_config(family, d_model, n_layer, vocab_size, like: LMConfig = None):
     return dataclasses.replace(base, pattern="A", mlp="swiglu", d_intermediate=d_ff,
                                attention=heads)
   if family == "hybrid":
-    return dataclasses.replace(base, pattern="MMA", mlp="none", d_intermediate=0,
-                               attention=heads)
+    return dataclasses.replace(base, pattern="MMA" if n_layer >= 3 else "MA", mlp="none",
+                               d_intermediate=0, attention=heads)
   raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
 
 

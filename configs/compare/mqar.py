@@ -18,6 +18,9 @@ def get_config():
   c.families = ("mamba", "transformer++", "hybrid")
   c.reference = mlc.ConfigDict(dict(family="mamba", n_layer=2))
   c.sizes = (64,)  # reference widths; the other families are matched to each
+  # Zoology's MQAR models all have two layers: match by width at the reference's depth
+  # (False: width and depth both free, the family's usual shape preferred)
+  c.same_depth = True
   c.match = "params"  # or "flops" (training FLOPs per token at the task's length)
   c.tolerance = 0.02
   c.seeds = (0,)
@@ -28,4 +31,5 @@ def get_config():
       train=dict(steps=400, batch_size=32, log_every=20, eval_every=200, eval_steps=4),
       task=dict(seq_len=64, num_kv_pairs=4), checkpoint=dict(every=100)))
   c.wandb_mode = "auto"
+  c.parallel = 1  # runs at a time; on GPUs each gets its share of the devices
   return c
