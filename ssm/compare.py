@@ -75,7 +75,8 @@ def plan(cfg):
                                    depth=cfg.reference.n_layer if cfg.same_depth else None)
         if abs(mismatch) > cfg.tolerance:
           raise ValueError(f"{family} cannot be matched to {cfg.reference.family} d_model "
-                           f"{size} within {cfg.tolerance:.0%} ({mismatch:+.1%})")
+                           f"{size} within {cfg.tolerance:.0%} ({mismatch:+.1%}); try another "
+                           "size, or free the depth with --config.same_depth=False")
       for seed in cfg.seeds:
         for lr in cfg.lrs:
           runs.append(Run(family, size, seed, lr, model))

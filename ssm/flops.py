@@ -146,7 +146,7 @@ FAMILIES = ("mamba", "transformer++", "hybrid")
 SMALL = 256  # below this width attention has 4 heads and sizes step by 8
 
 
-def family_config(family, d_model, n_layer, vocab_size, like: LMConfig = None):
+def family_config(family, d_model, n_layer, vocab_size, like: LMConfig = None, d_ff=None):
   """An LM of a family at a size: "mamba", "transformer++" (SwiGLU width ~8/3
   d_model) or "hybrid" (Mamba layers with one attention layer in three, "MMA";
   "MA" with two layers).
@@ -161,7 +161,7 @@ def family_config(family, d_model, n_layer, vocab_size, like: LMConfig = None):
     return dataclasses.replace(base, pattern="M", mlp="none", d_intermediate=0)
   if family == "transformer++":
     step = 8 if small else 64
-    d_ff = max(step, round(8 * d_model / 3 / step) * step)
+    d_ff = d_ff or max(step, round(8 * d_model / 3 / step) * step)
     return dataclasses.replace(base, pattern="A", mlp="swiglu", d_intermediate=d_ff,
                                attention=heads)
   if family == "hybrid":
@@ -185,10 +185,11 @@ def match(family, target, *, criterion="params", seq_len=None, vocab_size, like=
           depth=None, depth_hint=None):
   """The size of `family` whose parameters (or training FLOPs per token at
   `seq_len`) come closest to `target`. Searches widths (multiples of 8, or of 64
-  from 256 up with attention) and depths (or only `depth`); among sizes within 2%
-  of the target, the one nearest `depth_hint` layers, or else the family's usual
-  width / depth. A hybrid has at least one layer of each kind. Returns (config,
-  value, relative mismatch)."""
+  from 256 up with attention) and depths (or only `depth`; then a Transformer++'s
+  MLP width may also range over 2-4x d_model, since at a fixed depth widths alone
+  step too coarsely); among sizes within 2% of the target, the one nearest
+  `depth_hint` layers, or else the family's usual width / depth. A hybrid has at
+  least one layer of each kind. Returns (config, value, relative mismatch)."""
   if criterion not in ("params", "flops"):
     raise ValueError(f"criterion {criterion!r}: expected 'params' or 'flops'")
   measure = ((lambda c: lm_params(c)) if criterion == "params"
@@ -196,19 +197,24 @@ def match(family, target, *, criterion="params", seq_len=None, vocab_size, like=
   best = None
   depths = [depth] if depth else range(1, 97)
   for n_layer in depths:
+    if family == "hybrid" and n_layer < 2:
+      continue  # a hybrid has a layer of each kind
     if measure(family_config(family, _widths(family)[0], n_layer, vocab_size, like)) > 2 * target:
       break  # deeper is only bigger
     for d in _widths(family):
-      c = family_config(family, d, n_layer, vocab_size, like)
-      if family == "hybrid" and set(c.layer_mixers) != {"M", "A"}:
-        break
-      value = measure(c)
-      err = abs(value - target) / target
-      aspect = abs(math.log(n_layer / depth_hint if depth_hint
-                            else d / (ASPECT[family] * n_layer)))
-      key = (0, aspect, err) if err <= TOLERANCE else (1, err, aspect)
-      if best is None or key < best[0]:
-        best = (key, c, value, (value - target) / target)
+      step = 8 if d < SMALL else 64
+      mlp_widths = ([None] if not (depth and family == "transformer++")
+                    else range(2 * d, 4 * d + 1, step))
+      for d_ff in mlp_widths:
+        c = family_config(family, d, n_layer, vocab_size, like, d_ff)
+        value = measure(c)
+        err = abs(value - target) / target
+        aspect = abs(math.log(n_layer / depth_hint if depth_hint
+                              else d / (ASPECT[family] * n_layer)))
+        mlp_ratio = abs(math.log(c.d_intermediate / (8 * d / 3))) if d_ff else 0.0
+        key = (0, aspect, mlp_ratio, err) if err <= TOLERANCE else (1, err, aspect, mlp_ratio)
+        if best is None or key < best[0]:
+          best = (key, c, value, (value - target) / target)
       if value > 2 * target:
         break
   _, c, value, mismatch = best

@@ -23,17 +23,23 @@ TINY = ["--config.overrides.train.steps=6", "--config.overrides.train.eval_every
 
 def test_plan_matches_every_family_within_tolerance():
   cfg = load_config_file(CONFIG)
-  cfg.sizes = (64, 96)
+  cfg.sizes = (120, 128)
   cfg.lrs = (1e-3, 3e-3)
   runs = plan(cfg)
   assert len(runs) == 2 * 3 * 2
-  for size in (64, 96):
+  assert {r.model.n_layer for r in runs} == {2}  # same depth, as Zoology
+  for size in (120, 128):
     target = lm_params(next(r.model for r in runs if r.family == "mamba" and r.size == size))
     for r in runs:
       if r.size == size:
         assert abs(lm_params(r.model) - target) / target <= 0.02
   hybrid = next(r.model for r in runs if r.family == "hybrid")
   assert set(hybrid.layer_mixers) == {"M", "A"}
+  cfg.sizes = (64,)
+  with pytest.raises(ValueError, match="cannot be matched"):
+    plan(cfg)
+  cfg.same_depth = False  # free depth: close matches exist
+  assert len(plan(cfg)) == 3 * 2
 
 
 def compare(workdir, *extra, wait=True):
