@@ -28,6 +28,7 @@ from ssm.flops import family_config, lm_flops, lm_params, match
 from ssm.models import config_from_dict
 from ssm.train import train
 from ssm.train.config import model_config
+from ssm.train.metrics import setup_logging
 
 log = logging.getLogger("ssm.compare")
 
@@ -261,9 +262,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "default: runs/<comparison name>
 
 def _main(argv):
   del argv
-  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every step at INFO
-  logging.getLogger("ssm").setLevel(logging.INFO)
+  setup_logging()
   workdir, table, figure = compare(_CONFIG.value, _WORKDIR.value)
   print(f"\n{table}\nresults: {workdir / 'results.csv'}, {workdir / 'results.md'}\n"
         f"plot: {figure}", flush=True)

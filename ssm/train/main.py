@@ -1,12 +1,12 @@
 """ssm-train --config configs/<task>.py:<arch> --workdir DIR [--config.key=value ...]"""
 
-import logging
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from ssm.train.loop import NonFiniteLoss, train
+from ssm.train.metrics import setup_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<task>.py:<arch>",
                                           lock_config=True)
@@ -15,9 +15,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and metrics g
 
 def _main(argv):
   del argv
-  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every step at INFO
-  logging.getLogger("ssm").setLevel(logging.INFO)
+  setup_logging()
   try:
     train(_CONFIG.value, _WORKDIR.value)
   except NonFiniteLoss as e:

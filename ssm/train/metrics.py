@@ -17,6 +17,13 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
               "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
 
 
+def setup_logging():
+  """ssm's messages at INFO; everything else (orbax logs every save at INFO) at WARNING."""
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  logging.getLogger("ssm").setLevel(logging.INFO)
+
+
 def peak_flops(override=0.0):
   if override:
     return override
