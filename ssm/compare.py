@@ -49,11 +49,13 @@ class Run:
   seed: int
   lr: float
   model: object  # LMConfig
+  seq_len: int = 0  # 0: the task's own
 
   @property
   def name(self):
+    length = f"-len{self.seq_len}" if self.seq_len else ""
     return (f"{self.family}-d{self.model.d_model}-l{self.model.n_layer}-ref{self.size}"
-            f"-s{self.seed}-lr{self.lr:g}")
+            f"{length}-s{self.seed}-lr{self.lr:g}")
 
 
 def plan(cfg):
@@ -78,9 +80,10 @@ def plan(cfg):
           raise ValueError(f"{family} cannot be matched to {cfg.reference.family} d_model "
                            f"{size} within {cfg.tolerance:.0%} ({mismatch:+.1%}); try another "
                            "size, or free the depth with --config.same_depth=False")
-      for seed in cfg.seeds:
-        for lr in cfg.lrs:
-          runs.append(Run(family, size, seed, lr, model))
+      for seq_len in cfg.seq_lens or (0,):
+        for seed in cfg.seeds:
+          for lr in cfg.lrs:
+            runs.append(Run(family, size, seed, lr, model, seq_len))
   return runs
 
 
@@ -97,6 +100,8 @@ def run_config(cfg, run):
   c.model = model_config(run.model)
   c.seed = run.seed
   c.train.lr = run.lr
+  if run.seq_len:
+    c.task.seq_len = run.seq_len
   c.wandb.group, c.wandb.job_type, c.wandb.name = cfg.name, run.family, run.name
   c.wandb.mode = cfg.wandb_mode
   c.lock()
@@ -186,23 +191,23 @@ def run_one(run_dir):
 
 
 def best_rows(rows, metric="eval_loss", mode="min"):
-  """Per (family, size): the learning rate with the best mean over seeds."""
+  """Per (family, size, length): the learning rate with the best mean over seeds."""
   groups = {}
   for r in rows:
-    groups.setdefault((r["family"], r["size"], r["lr"]), []).append(r)
+    groups.setdefault((r["family"], r["size"], r["seq_len"], r["lr"]), []).append(r)
   best = {}
-  for (family, size, lr), rs in groups.items():
+  for (family, size, seq_len, lr), rs in groups.items():
     mean = {k: statistics.mean(r[k] for r in rs) for k in
             ("eval_loss", "eval_accuracy", "tokens_per_sec")}
     row = dict(rs[0], **mean, seeds=len(rs))
-    key = (family, size)
+    key = (family, size, seq_len)
     sign = 1 if mode == "min" else -1
     if key not in best or sign * row[metric] < sign * best[key][metric]:
       best[key] = row
-  return sorted(best.values(), key=lambda r: (r["size"], r["family"]))
+  return sorted(best.values(), key=lambda r: (r["size"], r["seq_len"], r["family"]))
 
 
-COLUMNS = ["family", "d_model", "n_layer", "params", "train_flops_per_token", "tokens", "lr",
+COLUMNS = ["family", "d_model", "n_layer", "seq_len", "params", "train_flops_per_token", "tokens", "lr",
            "seeds", "eval_loss", "eval_accuracy", "tokens_per_sec"]
 
 
@@ -223,21 +228,36 @@ def write_tables(rows, workdir):
 
 
 def plot(rows, workdir):
-  """eval loss vs training FLOPs and vs parameters, one line per architecture."""
+  """eval loss vs training FLOPs and vs parameters, one line per architecture (at
+  the longest length); where the sweep varies the length, also accuracy vs length."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  lengths = sorted({r["seq_len"] for r in rows})
+  fig, axes = plt.subplots(1, 3 if len(lengths) > 1 else 2, figsize=(15 if len(lengths) > 1
+                                                                     else 10, 4))
   for family in sorted({r["family"] for r in rows}):
-    rs = sorted((r for r in rows if r["family"] == family), key=lambda r: r["params"])
+    rs = sorted((r for r in rows if r["family"] == family and r["seq_len"] == lengths[-1]),
+                key=lambda r: r["params"])
     axes[0].plot([r["train_flops"] for r in rs], [r["eval_loss"] for r in rs], "o-", label=family)
     axes[1].plot([r["params"] for r in rs], [r["eval_loss"] for r in rs], "o-", label=family)
+    if len(lengths) > 1:  # accuracy vs length, at the largest size
+      size = max(r["size"] for r in rows)
+      rs = sorted((r for r in rows if r["family"] == family and r["size"] == size),
+                  key=lambda r: r["seq_len"])
+      axes[2].plot([r["seq_len"] for r in rs], [r["eval_accuracy"] for r in rs], "o-",
+                   label=family)
   for ax, label in zip(axes, ("training FLOPs", "parameters")):
     ax.set_xscale("log")
     ax.set_xlabel(label)
     ax.set_ylabel("eval loss")
     ax.grid(alpha=0.3)
+  if len(lengths) > 1:
+    axes[2].set_xscale("log", base=2)
+    axes[2].set_xlabel("sequence length")
+    axes[2].set_ylabel("eval accuracy")
+    axes[2].grid(alpha=0.3)
   axes[0].legend()
   fig.tight_layout()
   path = Path(workdir) / "loss.png"

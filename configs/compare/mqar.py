@@ -5,7 +5,8 @@ parameters, on MQAR at CPU size (a few minutes on a 2-core CPU).
 
 More sizes, seeds and learning rates (as Zoology sweeps them) are overrides away:
   --config.sizes='(128,256)' --config.seeds='(0,1,2)' --config.lrs='(1e-3,3e-3,1e-2)'
-Matching on training FLOPs per token instead: --config.match=flops.
+Matching on training FLOPs per token instead: --config.match=flops. Accuracy against
+sequence length (Zoology's plot): --config.seq_lens='(64,128,256)'.
 """
 
 import ml_collections as mlc
@@ -23,6 +24,7 @@ def get_config():
   c.same_depth = True
   c.match = "params"  # or "flops" (training FLOPs per token at the task's length)
   c.tolerance = 0.02
+  c.seq_lens = ()  # task lengths to sweep, e.g. (64, 128, 256): adds accuracy vs length
   c.seeds = (0,)
   c.lrs = (3e-3,)
   c.select = mlc.ConfigDict(dict(metric="eval_loss", mode="min"))  # picks the best lr
