@@ -1,5 +1,5 @@
-"""The public selective scan: argument checks, the parts shared by every backend
-(delta softplus, D skip, z gate, float32 arithmetic), and the choice of backend."""
+"""The public selective scan: argument checks and the choice of backend. What the
+backends share (softplus, D skip, z gate, float32 arithmetic) is in `common.py`."""
 
 import functools
 
