@@ -248,8 +248,10 @@ def plot(rows, workdir):
                   key=lambda r: r["seq_len"])
       axes[2].plot([r["seq_len"] for r in rs], [r["eval_accuracy"] for r in rs], "o-",
                    label=family)
-  for ax, label in zip(axes, ("training FLOPs", "parameters")):
-    ax.set_xscale("log")
+  for ax, label, key in zip(axes, ("training FLOPs", "parameters"), ("train_flops", "params")):
+    values = [r[key] for r in rows]
+    if max(values) > 10 * min(values):  # a log axis only where sizes span a decade
+      ax.set_xscale("log")
     ax.set_xlabel(label)
     ax.set_ylabel("eval loss")
     ax.grid(alpha=0.3)
