@@ -187,8 +187,9 @@ def match(family, target, *, criterion="params", seq_len=None, vocab_size, like=
   `seq_len`) come closest to `target`. Searches widths (multiples of 8, or of 64
   from 256 up with attention) and depths (or only `depth`; then a Transformer++'s
   MLP width may also range over 2-4x d_model, since at a fixed depth widths alone
-  step too coarsely); among sizes within 2% of the target, the one nearest
-  `depth_hint` layers, or else the family's usual width / depth. A hybrid has at
+  step too coarsely); among sizes within 2% of the target, the best trade-off of
+  closeness and shape: near `depth_hint` layers, or else the family's usual width /
+  depth. A hybrid has at
   least one layer of each kind. Returns (config, value, relative mismatch)."""
   if criterion not in ("params", "flops"):
     raise ValueError(f"criterion {criterion!r}: expected 'params' or 'flops'")
@@ -212,7 +213,8 @@ def match(family, target, *, criterion="params", seq_len=None, vocab_size, like=
         aspect = abs(math.log(n_layer / depth_hint if depth_hint
                               else d / (ASPECT[family] * n_layer)))
         mlp_ratio = abs(math.log(c.d_intermediate / (8 * d / 3))) if d_ff else 0.0
-        key = (0, aspect, mlp_ratio, err) if err <= TOLERANCE else (1, err, aspect, mlp_ratio)
+        # within tolerance: shape and closeness traded off (1% of error ~ a 1.6x aspect)
+        key = ((0, aspect + mlp_ratio + 50 * err) if err <= TOLERANCE else (1, err))
         if best is None or key < best[0]:
           best = (key, c, value, (value - target) / target)
       if value > 2 * target:
