@@ -131,6 +131,15 @@ class Trainer:
     return jax.jit(step_fn, in_shardings=(state_shardings, self.batch_sharding),
                    out_shardings=(state_shardings, self.replicated), donate_argnums=0)
 
+  def compile_step(self, state):
+    """The train step compiled ahead of time for this state and batch (once: the
+    compiled step both runs and gives XLA's FLOP count)."""
+    B = self.config.train.batch_size
+    batch = {k: jax.ShapeDtypeStruct((B, *v.shape[1:]), v.dtype, sharding=self.batch_sharding)
+             for k, v in self.task.batch(0, slice(0, 1)).items()}
+    step = self.make_step(jax.tree.map(lambda x: x.sharding, state))
+    return step.lower(abstract(state), batch).compile()
+
   def make_eval(self):
     graphdef = self.graphdef
 
@@ -171,10 +180,9 @@ class Trainer:
       start, state, data = restored
       assert data["next_batch"] == start, data
       log.info("resumed from step %d", start)
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    step_fn, eval_fn = self.make_step(state_shardings), self.make_eval()
+    step_fn, eval_fn = self.compile_step(state), self.make_eval()
     tokens_per_step = t.batch_size * self.task.seq_len
-    flops_per_step = self._flops(step_fn, state)
+    flops_per_step = _flops(step_fn)
     peak = peak_flops(t.peak_flops_per_device) * jax.device_count()
     run_config = dict(cfg.to_dict(), params=self.n_params, flops_per_step=flops_per_step)
     writer = MetricsWriter(self.workdir, cfg.wandb, run_config, start, t.steps)
@@ -229,16 +237,11 @@ class Trainer:
           f"The last good checkpoint is step {last} in {self.workdir / 'checkpoints'}. "
           "Lower train.lr, raise train.warmup_steps or set train.clip_norm, then rerun.")
 
-  def _flops(self, step_fn, state):
-    try:
-      B = self.config.train.batch_size
-      batch = {k: jax.ShapeDtypeStruct((B, *v.shape[1:]), v.dtype, sharding=self.batch_sharding)
-               for k, v in self.task.batch(0, slice(0, 1)).items()}
-      cost = step_fn.lower(abstract(state), batch).compile().cost_analysis()
-      cost = cost[0] if isinstance(cost, list) else cost
-      return float(cost.get("flops", 0.0)) * jax.device_count()
-    except Exception:  # noqa: BLE001 - cost analysis is best effort
-      return 0.0
+def _flops(compiled):
+  """XLA's FLOP count of a compiled step, all devices together (0 if unknown)."""
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, list) else cost) or {}
+  return float(cost.get("flops", 0.0)) * jax.device_count()
 
 
 class _SignalFlag:
