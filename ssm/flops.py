@@ -143,19 +143,28 @@ def flops(config, seq_len=None, causal_half=False):
 # --- matching ---------------------------------------------------------------------
 
 FAMILIES = ("mamba", "transformer++", "hybrid")
-SMALL = 256  # below this width attention has 4 heads and sizes step by 8
+SMALL = 256  # below this width attention has 4 heads
+
+
+def attention_heads(d_model):
+  """4 heads below width 256; from 256 up, the head count whose (even) head size in
+  [32, 128] is nearest 64; None where there is none."""
+  if d_model < SMALL:
+    return 4 if d_model % 8 == 0 else None
+  sizes = [h for h in range(1, d_model // 32 + 1) if d_model % h == 0
+           and (d_model // h) % 2 == 0 and 32 <= d_model // h <= 128]
+  return min(sizes, key=lambda h: abs(d_model // h - 64)) if sizes else None
 
 
 def family_config(family, d_model, n_layer, vocab_size, like: LMConfig = None, d_ff=None):
   """An LM of a family at a size: "mamba", "transformer++" (SwiGLU width ~8/3
   d_model) or "hybrid" (Mamba layers with one attention layer in three, "MMA";
   "MA" with two layers).
-  Attention has head_dim 64 from width 256 up (widths in multiples of 64), and 4
-  heads below (widths in multiples of 8)."""
+  Widths are multiples of 8; attention heads as `attention_heads`."""
   base = like or LMConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab_size)
   base = dataclasses.replace(base, d_model=d_model, n_layer=n_layer, vocab_size=vocab_size)
   small = d_model < SMALL
-  heads = dataclasses.replace(base.attention, n_heads=4 if small else d_model // 64,
+  heads = dataclasses.replace(base.attention, n_heads=attention_heads(d_model) or 1,
                               n_kv_heads=None, head_dim=None)
   if family == "mamba":
     return dataclasses.replace(base, pattern="M", mlp="none", d_intermediate=0)
@@ -176,16 +185,13 @@ TOLERANCE = 0.02  # among sizes this close to the target, the usual shape wins
 
 
 def _widths(family):
-  if family == "mamba":
-    return list(range(8, 8193, 8))
-  return [*range(8, SMALL, 8), *range(SMALL, 8193, 64)]
+  return [d for d in range(8, 8193, 8) if family == "mamba" or attention_heads(d)]
 
 
 def match(family, target, *, criterion="params", seq_len=None, vocab_size, like=None,
           depth=None, depth_hint=None):
   """The size of `family` whose parameters (or training FLOPs per token at
-  `seq_len`) come closest to `target`. Searches widths (multiples of 8, or of 64
-  from 256 up with attention) and depths (or only `depth`; then a Transformer++'s
+  `seq_len`) come closest to `target`. Searches widths (multiples of 8) and depths (or only `depth`; then a Transformer++'s
   MLP width may also range over 2-4x d_model, since at a fixed depth widths alone
   step too coarsely); among sizes within 2% of the target, the best trade-off of
   closeness and shape: near `depth_hint` layers, or else the family's usual width /
