@@ -237,6 +237,7 @@ class Trainer:
           f"The last good checkpoint is step {last} in {self.workdir / 'checkpoints'}. "
           "Lower train.lr, raise train.warmup_steps or set train.clip_norm, then rerun.")
 
+
 def _flops(compiled):
   """XLA's FLOP count of a compiled step, all devices together (0 if unknown)."""
   cost = compiled.cost_analysis()
