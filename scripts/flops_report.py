@@ -11,36 +11,16 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
 
-from ssm.flops import FAMILIES, family_config, flops, lm_flops, lm_params, match
+from ssm.flops import (FAMILIES, family_config, flops, lm_flops, lm_params, match,
+                       xla_forward_flops, xla_scan_flops)
 from ssm.layers import MambaConfig
 from ssm.layers.attention import AttentionConfig
-from ssm.models import PRESETS, VimConfig, ViTConfig, build, get_preset
-from ssm.scan import selective_scan
+from ssm.models import PRESETS, VimConfig, ViTConfig, get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSOC = MambaConfig(scan_impl="associative")  # no while loop, so XLA counts every step
 L = 256
-
-
-def xla_flops(config, seq_len=None):
-  graphdef, state = nnx.split(build(config, rngs=nnx.Rngs(0)))
-  x = (jnp.zeros((1, seq_len), jnp.int32) if seq_len
-       else jnp.zeros((1, config.image_size, config.image_size, 3)))
-  cost = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).compile().cost_analysis()
-  return (cost[0] if isinstance(cost, list) else cost)["flops"] / (seq_len or 1)
-
-
-def xla_scan_flops(length, channels, state):
-  s = jax.ShapeDtypeStruct
-  args = (s((1, length, channels), jnp.float32), s((1, length, channels), jnp.float32),
-          s((channels, state), jnp.float32), s((1, length, state), jnp.float32),
-          s((1, length, state), jnp.float32))
-  cost = jax.jit(lambda *a: selective_scan(*a, impl="associative")).lower(*args).compile()
-  cost = cost.cost_analysis()
-  return (cost[0] if isinstance(cost, list) else cost)["flops"] / length
 
 
 def agreement():
@@ -64,7 +44,7 @@ def agreement():
   lines = ["| model | analytic | XLA | XLA / analytic | XLA's scan | analytic, scan excluded "
            "| XLA, scan excluded | ratio |", "|" + "---|" * 8]
   for name, (c, seq_len) in models.items():
-    a, x = flops(c, seq_len), xla_flops(c, seq_len)
+    a, x = flops(c, seq_len), xla_forward_flops(c, seq_len)
     scan_x = 0.0
     if a["scan"]:
       if isinstance(c, VimConfig):

@@ -12,10 +12,12 @@ import dataclasses
 import math
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from ssm.layers.attention import AttentionConfig
 from ssm.models import LMConfig, VimConfig, ViTConfig, build
+from ssm.scan import selective_scan
 
 SCAN_FLOPS = 9  # per (token, channel, state): exp(delta A), the update, <h, C>
 
@@ -138,6 +140,34 @@ def flops(config, seq_len=None, causal_half=False):
       raise ValueError("language-model FLOPs depend on the sequence length: pass seq_len")
     return lm_flops(config, seq_len, causal_half)
   return vision_flops(config)
+
+
+# --- XLA's own count, to check the analytic one against --------------------------
+
+def compiled_flops(compiled):
+  """XLA's FLOP count of a compiled computation, per device (0 if unknown)."""
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, list) else cost) or {}
+  return float(cost.get("flops", 0.0))
+
+
+def xla_forward_flops(config, seq_len=None):
+  """XLA's count for the jitted forward pass, per token (LMs) or per image."""
+  graphdef, state = nnx.split(build(config, rngs=nnx.Rngs(0)))
+  x = (jnp.zeros((1, seq_len), jnp.int32) if seq_len
+       else jnp.zeros((1, config.image_size, config.image_size, config.channels)))
+  fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+  return compiled_flops(fn.lower(state, x).compile()) / (seq_len or 1)
+
+
+def xla_scan_flops(length, channels, state):
+  """XLA's count for the associative scan alone, per token."""
+  s = jax.ShapeDtypeStruct
+  args = (s((1, length, channels), jnp.float32), s((1, length, channels), jnp.float32),
+          s((channels, state), jnp.float32), s((1, length, state), jnp.float32),
+          s((1, length, state), jnp.float32))
+  fn = jax.jit(lambda *a: selective_scan(*a, impl="associative"))
+  return compiled_flops(fn.lower(*args).compile()) / length
 
 
 # --- matching ---------------------------------------------------------------------

@@ -4,15 +4,13 @@ against XLA's own count; matching within 2%."""
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import pytest
-from flax import nnx
 
-from ssm.flops import SCAN_FLOPS, family_config, flops, lm_flops, lm_params, match, param_count
+from ssm.flops import (SCAN_FLOPS, family_config, flops, lm_flops, lm_params, match,
+                       param_count, xla_forward_flops, xla_scan_flops)
 from ssm.layers import MambaConfig
 from ssm.layers.attention import AttentionConfig
 from ssm.models import PRESETS, LMConfig, VimConfig, ViTConfig, build, get_preset
-from ssm.scan import selective_scan
 
 ASSOC = MambaConfig(scan_impl="associative")  # no while loop: XLA counts every step
 
@@ -31,29 +29,6 @@ def test_closed_form_for_odd_configs():
     assert lm_params(c) == param_count(c)
 
 
-def xla_flops(config, seq_len=None):
-  model = build(config, rngs=nnx.Rngs(0))
-  graphdef, state = nnx.split(model)
-  x = (jnp.zeros((1, seq_len), jnp.int32) if seq_len
-       else jnp.zeros((1, config.image_size, config.image_size, 3)))
-  fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-  cost = fn.lower(state, x).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  return cost["flops"] / (seq_len or 1)
-
-
-def xla_scan_flops(length, channels, state, directions=1):
-  """XLA's count for the associative scan alone, per token."""
-  s = jax.ShapeDtypeStruct
-  args = (s((1, length, channels), jnp.float32), s((1, length, channels), jnp.float32),
-          s((channels, state), jnp.float32), s((1, length, state), jnp.float32),
-          s((1, length, state), jnp.float32))
-  fn = jax.jit(lambda *a: selective_scan(*a, impl="associative"))
-  cost = fn.lower(*args).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  return directions * cost["flops"] / length
-
-
 L = 256
 
 
@@ -66,7 +41,7 @@ L = 256
 def test_attention_lms_match_xla(config, tol):
   """Matmuls and attention are nearly all of it; XLA adds the softmax, norms and
   activations element by element (under 2% here)."""
-  analytic, xla = flops(config, L)["total"], xla_flops(config, L)
+  analytic, xla = flops(config, L)["total"], xla_forward_flops(config, L)
   assert abs(xla - analytic) / analytic < tol, (analytic, xla)
 
 
@@ -75,7 +50,7 @@ def test_vit_matches_xla():
   score) and the GELUs, which the analytic count leaves out."""
   c = ViTConfig(image_size=64, patch_size=8, d_model=128, n_layer=2, n_heads=4,
                 d_intermediate=512, num_registers=4, num_classes=10)
-  analytic, xla = flops(c)["total"], xla_flops(c)
+  analytic, xla = flops(c)["total"], xla_forward_flops(c)
   assert abs(xla - analytic) / analytic < 0.10, (analytic, xla)
 
 
@@ -89,12 +64,12 @@ def test_scan_models_match_xla_once_the_scan_is_set_apart(family):
   if family == "vim":
     c = VimConfig(image_size=64, patch_size=8, d_model=128, n_layer=2, num_registers=2,
                   num_classes=10, mamba=ASSOC)
-    analytic, xla, T = flops(c), xla_flops(c), 1 + 2 + 64
+    analytic, xla, T = flops(c), xla_forward_flops(c), 1 + 2 + 64
     E, N = 256, 16
-    scan_xla = xla_scan_flops(T, E, N, directions=2) * T * c.n_layer
+    scan_xla = 2 * xla_scan_flops(T, E, N) * T * c.n_layer
   else:
     c = dataclasses.replace(family_config(family, 256, 3, 1000), mamba=ASSOC)
-    analytic, xla = flops(c, L), xla_flops(c, L)
+    analytic, xla = flops(c, L), xla_forward_flops(c, L)
     E, N = 512, 16
     scan_xla = xla_scan_flops(L, E, N) * c.layer_mixers.count("M")
   rest = analytic["total"] - analytic["scan"]

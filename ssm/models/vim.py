@@ -14,11 +14,11 @@ from flax import nnx
 from ssm.layers import BiMamba, MambaConfig
 from ssm.layers.norms import make_norm
 from ssm.models.lm import DTYPES, Block
-from ssm.models.vit import ImageModel, resize_positions
+from ssm.models.vit import ImageConfig, ImageModel, resize_positions
 
 
 @dataclasses.dataclass(frozen=True)
-class VimConfig:
+class VimConfig(ImageConfig):
   image_size: int = 224
   patch_size: int = 16
   channels: int = 3
@@ -31,17 +31,6 @@ class VimConfig:
   initializer_range: float = 0.02
   dtype: str = "float32"
 
-  def __post_init__(self):
-    if self.image_size % self.patch_size:
-      raise ValueError(f"image_size {self.image_size} is not divisible by patch_size "
-                       f"{self.patch_size}")
-
-  @property
-  def grid(self):
-    return self.image_size // self.patch_size
-
-  def replace(self, **kw):
-    return dataclasses.replace(self, **kw)
 
 
 def layout(num_patches, num_registers):

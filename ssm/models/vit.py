@@ -22,8 +22,24 @@ from ssm.models.lm import DTYPES, Block
 from ssm.layers.norms import make_norm
 
 
+class ImageConfig:
+  """What ViTConfig and VimConfig share: the image / patch check and the grid."""
+
+  def __post_init__(self):
+    if self.image_size % self.patch_size:
+      raise ValueError(f"image_size {self.image_size} is not divisible by patch_size "
+                       f"{self.patch_size}")
+
+  @property
+  def grid(self):
+    return self.image_size // self.patch_size
+
+  def replace(self, **kw):
+    return dataclasses.replace(self, **kw)
+
+
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(ImageConfig):
   image_size: int = 224
   patch_size: int = 16
   channels: int = 3
@@ -44,16 +60,7 @@ class ViTConfig:
   def __post_init__(self):
     if self.pool not in ("cls", "gap"):
       raise ValueError(f"pool {self.pool!r}: expected 'cls' or 'gap'")
-    if self.image_size % self.patch_size:
-      raise ValueError(f"image_size {self.image_size} is not divisible by patch_size "
-                       f"{self.patch_size}")
-
-  @property
-  def grid(self):
-    return self.image_size // self.patch_size
-
-  def replace(self, **kw):
-    return dataclasses.replace(self, **kw)
+    super().__post_init__()
 
 
 class PatchEmbedding(nnx.Module):

@@ -20,7 +20,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from ssm.data import make_task
-from ssm.flops import param_count
+from ssm.flops import compiled_flops, param_count
 from ssm.models import build, config_from_dict
 from ssm.train import sharding
 from ssm.train.checkpoint import Checkpointer, abstract
@@ -182,7 +182,7 @@ class Trainer:
       log.info("resumed from step %d", start)
     step_fn, eval_fn = self.compile_step(state), self.make_eval()
     tokens_per_step = t.batch_size * self.task.seq_len
-    flops_per_step = _flops(step_fn)
+    flops_per_step = compiled_flops(step_fn) * jax.device_count()  # per device -> all
     peak = peak_flops(t.peak_flops_per_device) * jax.device_count()
     run_config = dict(cfg.to_dict(), params=self.n_params, flops_per_step=flops_per_step)
     writer = MetricsWriter(self.workdir, cfg.wandb, run_config, start, t.steps)
@@ -236,13 +236,6 @@ class Trainer:
           f"the loss became NaN or inf at step {bad + 1} (found at step {step}); stopped. "
           f"The last good checkpoint is step {last} in {self.workdir / 'checkpoints'}. "
           "Lower train.lr, raise train.warmup_steps or set train.clip_norm, then rerun.")
-
-
-def _flops(compiled):
-  """XLA's FLOP count of a compiled step, all devices together (0 if unknown)."""
-  cost = compiled.cost_analysis()
-  cost = (cost[0] if isinstance(cost, list) else cost) or {}
-  return float(cost.get("flops", 0.0)) * jax.device_count()
 
 
 class _SignalFlag:
