@@ -49,32 +49,38 @@ class Run:
 
 
 def plan(cfg):
-  """Every run of the sweep, its model matched to the reference at its size."""
+  """Every run of the sweep, its model matched to the reference at its size (and, when
+  matching on FLOPs, at each swept length: attention's FLOPs grow with it)."""
   base = base_config(cfg)
   vocab = base.model.vocab_size
-  seq_len = base.task.seq_len
   runs = []
   for size in cfg.sizes:
     ref = family_config(cfg.reference.family, size, cfg.reference.n_layer, vocab)
-    target = (lm_params(ref) if cfg.match == "params"
-              else 3 * lm_flops(ref, seq_len)["total"])
     for family in cfg.families:
-      if family == cfg.reference.family:
-        model = ref
-      else:
-        hint = cfg.reference.n_layer * (0.5 if family == "transformer++" else 1.0)
-        model, _, mismatch = match(family, target, criterion=cfg.match, seq_len=seq_len,
-                                   vocab_size=vocab, depth_hint=hint,
-                                   depth=cfg.reference.n_layer if cfg.same_depth else None)
-        if abs(mismatch) > cfg.tolerance:
-          raise ValueError(f"{family} cannot be matched to {cfg.reference.family} d_model "
-                           f"{size} within {cfg.tolerance:.0%} ({mismatch:+.1%}); try another "
-                           "size, or free the depth with --config.same_depth=False")
       for seq_len in cfg.seq_lens or (0,):
+        model = ref if family == cfg.reference.family else _matched(
+            cfg, family, ref, seq_len or base.task.seq_len, vocab)
         for seed in cfg.seeds:
           for lr in cfg.lrs:
             runs.append(Run(family, size, seed, lr, model, seq_len))
   return runs
+
+
+def _matched(cfg, family, ref, seq_len, vocab):
+  """`family` matched to the reference model `ref` on cfg.match at `seq_len`; "width"
+  takes the reference's width and depth (Zoology's Figure 2 axis: model dimension)."""
+  if cfg.match == "width":
+    return family_config(family, ref.d_model, ref.n_layer, vocab)
+  target = lm_params(ref) if cfg.match == "params" else 3 * lm_flops(ref, seq_len)["total"]
+  hint = cfg.reference.n_layer * (0.5 if family == "transformer++" else 1.0)
+  model, _, mismatch = match(family, target, criterion=cfg.match, seq_len=seq_len,
+                             vocab_size=vocab, depth_hint=hint,
+                             depth=cfg.reference.n_layer if cfg.same_depth else None)
+  if abs(mismatch) > cfg.tolerance:
+    raise ValueError(f"{family} cannot be matched to {cfg.reference.family} d_model "
+                     f"{ref.d_model} within {cfg.tolerance:.0%} ({mismatch:+.1%}); try another "
+                     "size, or free the depth with --config.same_depth=False")
+  return model
 
 
 def base_config(cfg):
@@ -167,29 +173,38 @@ def run_one(run_dir):
   model = config_from_dict(c.model)
   final = train(c, run_dir)
   metrics = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-  seq_len, steps = c.task.seq_len, c.train.steps
+  seq_len, steps = c.task.seq_len, metrics[-1]["step"]  # fewer than train.steps if stopped early
   tokens = steps * c.train.batch_size * seq_len
   result = dict(
       family=run["family"], size=run["size"], seed=run["seed"], lr=run["lr"],
       d_model=model.d_model, n_layer=model.n_layer, params=lm_params(model),
-      train_flops_per_token=3 * lm_flops(model, seq_len)["total"], tokens=tokens,
+      train_flops_per_token=3 * lm_flops(model, seq_len)["total"], steps=steps, tokens=tokens,
       seq_len=seq_len, eval_loss=final.get("eval/loss", float("nan")),
       eval_accuracy=final.get("eval/accuracy", float("nan")),
-      tokens_per_sec=statistics.median(m["tokens_per_sec"] for m in metrics[1:] or metrics))
+      tokens_per_sec=statistics.median(m["tokens_per_sec"] for m in metrics[1:] or metrics),
+      # every eval metric, e.g. accuracy at the task's other lengths (eval/accuracy@1024)
+      evals={k[len("eval/"):]: v for k, v in final.items() if k.startswith("eval/")})
   result["train_flops"] = result["train_flops_per_token"] * tokens
   (run_dir / "result.json").write_text(json.dumps(result, indent=1))
 
 
 def best_rows(rows, metric="eval_loss", mode="min"):
-  """Per (family, size, length): the learning rate with the best mean over seeds."""
+  """Per (family, size, length): the learning rate with the best mean over seeds, with
+  the seeds' spread (`_std`, `_min`, `_max` of loss and accuracy) beside the means."""
   groups = {}
   for r in rows:
     groups.setdefault((r["family"], r["size"], r["seq_len"], r["lr"]), []).append(r)
   best = {}
   for (family, size, seq_len, lr), rs in groups.items():
-    mean = {k: statistics.mean(r[k] for r in rs) for k in
-            ("eval_loss", "eval_accuracy", "tokens_per_sec")}
-    row = dict(rs[0], **mean, seeds=len(rs))
+    row = dict(rs[0], seeds=len(rs))
+    for k in ("eval_loss", "eval_accuracy", "tokens_per_sec", "steps", "tokens", "train_flops"):
+      row[k] = statistics.mean(r[k] for r in rs)
+    for k in ("eval_loss", "eval_accuracy"):
+      values = [r[k] for r in rs]
+      row.update({f"{k}_std": statistics.pstdev(values), f"{k}_min": min(values),
+                  f"{k}_max": max(values)})
+    row["evals"] = {k: statistics.mean(r.get("evals", {}).get(k, float("nan")) for r in rs)
+                    for k in rs[0].get("evals", {})}
     key = (family, size, seq_len)
     sign = 1 if mode == "min" else -1
     if key not in best or sign * row[metric] < sign * best[key][metric]:
@@ -197,8 +212,9 @@ def best_rows(rows, metric="eval_loss", mode="min"):
   return sorted(best.values(), key=lambda r: (r["size"], r["seq_len"], r["family"]))
 
 
-COLUMNS = ["family", "d_model", "n_layer", "seq_len", "params", "train_flops_per_token", "tokens", "lr",
-           "seeds", "eval_loss", "eval_accuracy", "tokens_per_sec"]
+COLUMNS = ["family", "d_model", "n_layer", "seq_len", "params", "train_flops_per_token", "lr",
+           "seeds", "steps", "tokens", "eval_loss", "eval_accuracy", "eval_accuracy_std",
+           "eval_accuracy_min", "tokens_per_sec"]
 
 
 def write_tables(rows, workdir):
@@ -207,8 +223,9 @@ def write_tables(rows, workdir):
     writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-  fmt = {"params": "{:,}", "train_flops_per_token": "{:.3g}", "tokens": "{:,}", "lr": "{:g}",
-         "eval_loss": "{:.4f}", "eval_accuracy": "{:.4f}", "tokens_per_sec": "{:,.0f}"}
+  fmt = {"params": "{:,}", "train_flops_per_token": "{:.3g}", "tokens": "{:,.0f}", "lr": "{:g}",
+         "steps": "{:.0f}", "eval_loss": "{:.4f}", "eval_accuracy": "{:.4f}",
+         "eval_accuracy_std": "{:.4f}", "eval_accuracy_min": "{:.4f}", "tokens_per_sec": "{:,.0f}"}
   lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
   for r in rows:
     lines.append("| " + " | ".join(fmt.get(k, "{}").format(r[k]) for k in COLUMNS) + " |")
@@ -218,26 +235,46 @@ def write_tables(rows, workdir):
 
 
 def plot(rows, workdir):
-  """eval loss vs training FLOPs and vs parameters, one line per architecture (at
-  the longest length); where the sweep varies the length, also accuracy vs length."""
+  """The comparison's figures, in the workdir; returns their paths.
+
+  accuracy.png: eval accuracy against model width per family, one panel per task
+    length, the seeds' range as error bars (Zoology's Figure 2).
+  loss.png: eval loss against training FLOPs and against parameters (longest length).
+  lengths.png, where the task is evaluated at other lengths: accuracy against the
+    evaluation length per family, at the largest size (Mamba's Table 2)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  families = sorted({r["family"] for r in rows})
   lengths = sorted({r["seq_len"] for r in rows})
-  fig, axes = plt.subplots(1, 3 if len(lengths) > 1 else 2, figsize=(15 if len(lengths) > 1
-                                                                     else 10, 4))
-  for family in sorted({r["family"] for r in rows}):
+  paths = []
+
+  fig, axes = plt.subplots(1, len(lengths), figsize=(4.5 * len(lengths), 3.8), squeeze=False)
+  for ax, seq_len in zip(axes[0], lengths):
+    for family in families:
+      rs = sorted((r for r in rows if r["family"] == family and r["seq_len"] == seq_len),
+                  key=lambda r: r["d_model"])
+      acc = [r["eval_accuracy"] for r in rs]
+      err = [[a - r["eval_accuracy_min"] for a, r in zip(acc, rs)],
+             [r["eval_accuracy_max"] - a for a, r in zip(acc, rs)]]
+      ax.errorbar([r["d_model"] for r in rs], acc, yerr=err, fmt="o-", capsize=3, label=family)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("model width (d_model)")
+    ax.set_title(f"sequence length {seq_len}")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel("eval accuracy")
+  axes[0][0].legend()
+  fig.tight_layout()
+  paths.append(_save(fig, Path(workdir) / "accuracy.png"))
+
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for family in families:
     rs = sorted((r for r in rows if r["family"] == family and r["seq_len"] == lengths[-1]),
                 key=lambda r: r["params"])
     axes[0].plot([r["train_flops"] for r in rs], [r["eval_loss"] for r in rs], "o-", label=family)
     axes[1].plot([r["params"] for r in rs], [r["eval_loss"] for r in rs], "o-", label=family)
-    if len(lengths) > 1:  # accuracy vs length, at the largest size
-      size = max(r["size"] for r in rows)
-      rs = sorted((r for r in rows if r["family"] == family and r["size"] == size),
-                  key=lambda r: r["seq_len"])
-      axes[2].plot([r["seq_len"] for r in rs], [r["eval_accuracy"] for r in rs], "o-",
-                   label=family)
   for ax, label, key in zip(axes, ("training FLOPs", "parameters"), ("train_flops", "params")):
     values = [r[key] for r in rows]
     if max(values) > 10 * min(values):  # a log axis only where sizes span a decade
@@ -245,14 +282,32 @@ def plot(rows, workdir):
     ax.set_xlabel(label)
     ax.set_ylabel("eval loss")
     ax.grid(alpha=0.3)
-  if len(lengths) > 1:
-    axes[2].set_xscale("log", base=2)
-    axes[2].set_xlabel("sequence length")
-    axes[2].set_ylabel("eval accuracy")
-    axes[2].grid(alpha=0.3)
   axes[0].legend()
   fig.tight_layout()
-  path = Path(workdir) / "loss.png"
+  paths.append(_save(fig, Path(workdir) / "loss.png"))
+
+  at_length = lambda r: {int(k.split("@")[1]): v for k, v in r["evals"].items()
+                         if k.startswith("accuracy@")} | {r["seq_len"]: r["eval_accuracy"]}
+  if any(len(at_length(r)) > 1 for r in rows):
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    size = max(r["size"] for r in rows)
+    for family in families:
+      for r in (r for r in rows if r["family"] == family and r["size"] == size):
+        points = sorted(at_length(r).items())
+        ax.plot(*zip(*points), "o-", label=f"{family} (trained at {r['seq_len']})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("evaluation sequence length")
+    ax.set_ylabel("eval accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths.append(_save(fig, Path(workdir) / "lengths.png"))
+  return paths
+
+
+def _save(fig, path):
+  import matplotlib.pyplot as plt
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return path
@@ -263,8 +318,8 @@ def compare(cfg, workdir):
   workdir.mkdir(parents=True, exist_ok=True)
   rows = best_rows(execute(cfg, workdir), cfg.select.metric, cfg.select.mode)
   table = write_tables(rows, workdir)
-  figure = plot(rows, workdir)
-  return workdir, table, figure
+  figures = plot(rows, workdir)
+  return workdir, table, figures
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/compare/<x>.py",
@@ -275,9 +330,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "default: runs/<comparison name>
 def _main(argv):
   del argv
   setup_logging()
-  workdir, table, figure = compare(_CONFIG.value, _WORKDIR.value)
+  workdir, table, figures = compare(_CONFIG.value, _WORKDIR.value)
   print(f"\n{table}\nresults: {workdir / 'results.csv'}, {workdir / 'results.md'}\n"
-        f"plot: {figure}", flush=True)
+        f"plots: {', '.join(map(str, figures))}", flush=True)
 
 
 def main():

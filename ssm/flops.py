@@ -172,7 +172,7 @@ def xla_scan_flops(length, channels, state):
 
 # --- matching ---------------------------------------------------------------------
 
-FAMILIES = ("mamba", "transformer++", "hybrid")
+FAMILIES = ("mamba", "transformer++", "hybrid", "attention")
 SMALL = 256  # below this width attention has 4 heads
 
 
@@ -188,8 +188,9 @@ def attention_heads(d_model):
 
 def family_config(family, d_model, n_layer, vocab_size, like: LMConfig = None, d_ff=None):
   """An LM of a family at a size: "mamba", "transformer++" (SwiGLU width ~8/3
-  d_model) or "hybrid" (Mamba layers with one attention layer in three, "MMA";
-  "MA" with two layers).
+  d_model), "hybrid" (Mamba layers with one attention layer in three, "MMA";
+  "MA" with two layers) or "attention" (RoPE attention blocks without MLPs: Zoology's
+  attention baseline, whose blocks are sequence mixers only, like Mamba's).
   Widths are multiples of 8; attention heads as `attention_heads`."""
   base = like or LMConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab_size)
   base = dataclasses.replace(base, d_model=d_model, n_layer=n_layer, vocab_size=vocab_size)
@@ -206,11 +207,13 @@ def family_config(family, d_model, n_layer, vocab_size, like: LMConfig = None, d
   if family == "hybrid":
     return dataclasses.replace(base, pattern="MMA" if n_layer >= 3 else "MA", mlp="none",
                                d_intermediate=0, attention=heads)
+  if family == "attention":
+    return dataclasses.replace(base, pattern="A", mlp="none", d_intermediate=0, attention=heads)
   raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
 
 
 # The usual width / depth of each family (mamba-130m: 768 / 24; Transformer++-125M: 768 / 12).
-ASPECT = {"mamba": 32, "transformer++": 64, "hybrid": 32}
+ASPECT = {"mamba": 32, "transformer++": 64, "hybrid": 32, "attention": 32}
 TOLERANCE = 0.02  # among sizes this close to the target, the usual shape wins
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ssm.compare import load_config_file, plan
-from ssm.flops import lm_params
+from ssm.flops import lm_flops, lm_params
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "compare" / "mqar.py")
@@ -23,8 +23,10 @@ TINY = ["--config.overrides.train.steps=6", "--config.overrides.train.eval_every
 
 def test_plan_matches_every_family_within_tolerance():
   cfg = load_config_file(CONFIG)
+  cfg.families, cfg.match = ("mamba", "transformer++", "hybrid"), "params"
   cfg.sizes = (120, 128)
   cfg.lrs = (1e-3, 3e-3)
+  cfg.seeds = (0,)
   runs = plan(cfg)
   assert len(runs) == 2 * 3 * 2
   assert {r.model.n_layer for r in runs} == {2}  # same depth, as Zoology
@@ -40,6 +42,33 @@ def test_plan_matches_every_family_within_tolerance():
     plan(cfg)
   cfg.same_depth = False  # free depth: close matches exist
   assert len(plan(cfg)) == 3 * 2
+
+
+def test_width_plan_is_zoologys_axis():
+  """match="width": every family at the reference's width and depth, mixer-only
+  attention among them, every seed and learning rate."""
+  cfg = load_config_file(CONFIG)
+  runs = plan(cfg)
+  assert len(runs) == len(cfg.sizes) * len(cfg.families) * len(cfg.seeds) * len(cfg.lrs)
+  for r in runs:
+    assert (r.model.d_model, r.model.n_layer) == (r.size, 2)
+  attention = next(r.model for r in runs if r.family == "attention")
+  assert (attention.layer_mixers, attention.mlp) == ("AA", "none")
+
+
+def test_flop_matching_uses_each_swept_length():
+  """Attention's FLOPs grow with the length: each length gets its own match."""
+  cfg = load_config_file(CONFIG)
+  cfg.match, cfg.same_depth, cfg.sizes, cfg.seq_lens = "flops", False, (128,), (64, 1024)
+  cfg.families = ("mamba", "transformer++", "hybrid")
+  runs = plan(cfg)
+  for seq_len in (64, 1024):
+    at = [r for r in runs if r.seq_len == seq_len]
+    target = 3 * lm_flops(next(r.model for r in at if r.family == "mamba"), seq_len)["total"]
+    for r in at:
+      assert abs(3 * lm_flops(r.model, seq_len)["total"] - target) / target <= 0.02, r.name
+  tpp = {r.seq_len: r.model for r in runs if r.family == "transformer++"}
+  assert tpp[64] != tpp[1024]
 
 
 def compare(workdir, *extra, wait=True):

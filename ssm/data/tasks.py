@@ -72,9 +72,15 @@ class MQAR(Task):
   (keys from the lower half of the vocabulary, values from the upper half), then
   the keys queried again at power-law distributed gaps; labels only at queries.
   `num_kv_pairs=0` takes Zoology's count for the length (ZOOLOGY_PAIRS), so a sweep
-  over seq_len is Zoology's sweep."""
+  over seq_len is Zoology's sweep.
+
+  `random_non_queries` fills the query region between queries with random tokens
+  (the generator's default). Zoology's Figure 2 sweep turns it off, and at a small
+  vocabulary it changes the task: a filler that repeats a context key is a second,
+  wrong "key" whose successor is noise (docs/results/synthetic-audit.md)."""
   num_kv_pairs: int = 0
   power_a: float = 0.01
+  random_non_queries: bool = False
 
   def __post_init__(self):
     if not self.num_kv_pairs:
@@ -105,8 +111,9 @@ class MQAR(Task):
     labels = np.full(L + 1, -100)
     labels[2 * n + gaps * 2 + 1] = values
     inputs, labels = sequence[:-1], labels[1:]
-    fill = inputs == 0  # Zoology's random_non_queries
-    inputs[fill] = rng.integers(0, V, fill.sum())
+    if self.random_non_queries:
+      fill = inputs == 0
+      inputs[fill] = rng.integers(0, V, fill.sum())
     mask = labels != -100
     return inputs, np.where(mask, labels, 0), mask
 

@@ -23,6 +23,10 @@ def base():
       lr=1e-3, schedule="cosine", warmup_steps=100, min_lr_ratio=0.1,
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, decay_embeddings=False, clip_norm=1.0,
       log_every=50, eval_every=250, eval_steps=4,
+      # Stop before `steps` (checked at each eval): when a metric crosses a threshold,
+      # "eval/accuracy>=0.99" (Zoology's rule), and/or once checkpoint.best_metric has
+      # not improved for `patience` evals (a plateau; 0: off).
+      stop_when="", patience=0,
       peak_flops_per_device=0.0,  # 0: from the device table in ssm.train.metrics
   ))
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -57,11 +61,13 @@ def load_config_file(spec):
   return module.get_config(arg) if arg else module.get_config()
 
 
-# The three families of the synthetic-task configs, at Zoology's MQAR size (two
-# layers of width 64): Mamba, Transformer++ and a Mamba + attention hybrid.
+# The families of the synthetic-task configs, at Zoology's MQAR size (two layers of
+# width 64): Mamba, Transformer++, attention without MLPs (Zoology's attention
+# baseline) and a Mamba + attention hybrid.
 SMALL_LMS = {
     "mamba": dict(pattern="M"),
     "transformer": dict(pattern="A", mlp="swiglu", d_intermediate=128),
+    "attention": dict(pattern="A"),
     "hybrid": dict(pattern="MA"),
 }
 

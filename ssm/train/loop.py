@@ -198,8 +198,9 @@ class Trainer:
                            "ssm: start a new workdir")
       data.set_state(position["pipeline"])
       log.info("resumed from step %d", start)
-    if start >= t.steps:
-      log.info("the run is complete (step %d of %d)", start, t.steps)
+    if start >= t.steps or (restored is not None and position.get("stopped")):
+      log.info("the run is complete (step %d of %d%s)", start, t.steps,
+               f"; stopped early: {position['stopped']}" if start < t.steps else "")
       checkpointer.close()
       rows = (self.workdir / "metrics.jsonl").read_text().splitlines()
       return {k: v for k, v in json.loads(rows[-1]).items() if k != "step"} if rows else {}
@@ -213,7 +214,7 @@ class Trainer:
     peak = peak_flops(t.peak_flops_per_device) * jax.device_count()
     run_config = dict(cfg.to_dict(), params=self.n_params, flops_per_step=flops_per_step)
     writer = MetricsWriter(self.workdir, cfg.wandb, run_config, start, t.steps)
-    stop = _SignalFlag()
+    stop, early = _SignalFlag(), EarlyStop(t, cfg.checkpoint)
     metrics, last_eval, tick, waited = {}, {}, time.perf_counter(), 0.0
     try:
       for step in range(start, t.steps):
@@ -238,14 +239,19 @@ class Trainer:
           if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
             last_eval = self.evaluate(eval_fn, state["params"])
             row.update(last_eval)
+            early.update(last_eval)
           writer.write(done, row)
           tick = time.perf_counter()  # step times leave out evaluation
-        stopping = stop.any()
-        if done % cfg.checkpoint.every == 0 or done == t.steps or stopping:
+        stopping, finished = stop.any(), done == t.steps or early.reason
+        if done % cfg.checkpoint.every == 0 or finished or stopping:
           self._check_finite(state, done, checkpointer)
-          checkpointer.save(done, state, {"next_batch": done, "pipeline": data.get_state()},
-                            last_eval,
-                            wait=stopping or done == t.steps)
+          position = {"next_batch": done, "pipeline": data.get_state()}
+          if early.reason:  # a rerun finds the run complete
+            position["stopped"] = early.reason
+          checkpointer.save(done, state, position, last_eval, wait=stopping or finished)
+        if early.reason:
+          log.info("stopped at step %d: %s", done, early.reason)
+          break
         if stopping:
           log.warning("SIGTERM: saved the checkpoint at step %d; run the same command to "
                       "resume", done)
@@ -278,6 +284,49 @@ class Trainer:
           f"the loss became NaN or inf at step {bad + 1} (found at step {step}); stopped. "
           f"The last good checkpoint is step {last} in {self.workdir / 'checkpoints'}. "
           "Lower train.lr, raise train.warmup_steps or set train.clip_norm, then rerun.")
+
+
+class EarlyStop:
+  """`train.stop_when` ("eval/accuracy>=0.99": a metric, >= or <=, a threshold) and
+  `train.patience` (evals without improvement of checkpoint.best_metric) as one
+  check after each eval; `reason` says why the run stops, empty while it goes on."""
+
+  def __init__(self, t, checkpoint):
+    self.reason, self.threshold = "", None
+    if t.stop_when:
+      for op in (">=", "<="):
+        name, found, value = t.stop_when.partition(op)
+        if found:
+          try:
+            self.threshold = (name.strip(), op, float(value))
+          except ValueError:
+            break
+      if self.threshold is None:
+        raise ValueError(f"train.stop_when={t.stop_when!r}: expected METRIC>=VALUE or "
+                         "METRIC<=VALUE, e.g. 'eval/accuracy>=0.99'")
+    if t.patience and not checkpoint.best_metric:
+      raise ValueError("train.patience counts evals without improvement of "
+                       "checkpoint.best_metric, which is empty: set it (e.g. 'eval/loss')")
+    if (t.stop_when or t.patience) and not t.eval_every:
+      raise ValueError("train.stop_when and train.patience are checked at evals: set "
+                       "train.eval_every")
+    self.patience, self.metric = t.patience, checkpoint.best_metric
+    self.sign = -1 if checkpoint.best_mode == "max" else 1
+    self.best, self.waited = float("inf"), 0
+
+  def update(self, evals):
+    if self.threshold:
+      name, op, value = self.threshold
+      if name not in evals:
+        raise ValueError(f"train.stop_when names {name!r}; the evals give {sorted(evals)}")
+      x = evals[name]
+      if (x >= value) if op == ">=" else (x <= value):
+        self.reason = f"{name} = {x:.4g} {op} {value:g}"
+    if self.patience:
+      x = self.sign * evals[self.metric]
+      self.best, self.waited = (x, 0) if x < self.best else (self.best, self.waited + 1)
+      if self.waited >= self.patience and not self.reason:
+        self.reason = f"{self.metric} has not improved for {self.patience} evals"
 
 
 class _GlobalBatches:

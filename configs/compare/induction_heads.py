@@ -1,0 +1,48 @@
+"""Induction heads (Mamba paper, section 4.1.2 and Table 2): trained at one length,
+evaluated at lengths up to 16x it (CPU) or 4096x (the paper), Mamba against
+Transformer++ (RoPE attention) matched on parameters.
+
+  ssm-compare --config configs/compare/induction_heads.py --workdir runs/compare-ih
+  ssm-compare --config configs/compare/induction_heads.py:paper
+
+CPU: trained at length 64, evaluated at 64 .. 1024, a constant learning rate as the
+paper (a cosine decay ends the run before the sudden learning happens:
+docs/results/synthetic-audit.md). The paper's setting: trained at 256 for 25 epochs of
+8192 steps at batch 8, Adam without weight decay at a constant 1e-3 (Mamba) or 2e-4
+(attention), evaluated at 2^6 .. 2^20; the longest lengths want an accelerator, and
+attention's memory grows with the square of the length.
+"""
+
+import ml_collections as mlc
+
+
+def get_config(setting="cpu"):
+  c = mlc.ConfigDict()
+  c.name = "induction-heads"
+  c.base = "configs/induction_heads.py:mamba"
+  c.families = ("mamba", "transformer++")
+  c.reference = mlc.ConfigDict(dict(family="mamba", n_layer=2))
+  c.sizes = (64,)
+  c.same_depth = True
+  c.match = "params"
+  c.tolerance = 0.02
+  c.seq_lens = ()
+  c.seeds = (0,)
+  c.lrs = (1e-3,)
+  c.select = mlc.ConfigDict(dict(metric="eval_accuracy", mode="max"))
+  c.overrides = mlc.ConfigDict(dict(
+      task=dict(seq_len=64, eval_seq_lens=(128, 256, 512, 1024)),
+      train=dict(steps=1500, batch_size=32, schedule="constant", warmup_steps=0,
+                 weight_decay=0.0, log_every=50, eval_every=250, eval_steps=2),
+      checkpoint=dict(every=500)))
+  if setting == "paper":
+    c.lrs = (2e-4, 1e-3)
+    c.overrides.task.seq_len = 256
+    c.overrides.task.eval_seq_lens = tuple(2**k for k in range(6, 21))
+    c.overrides.train.update(steps=204_800, batch_size=8, eval_every=8192, eval_steps=4)
+    c.overrides.checkpoint.every = 8192
+  elif setting != "cpu":
+    raise ValueError(f"configs/compare/induction_heads.py:{setting}: expected 'cpu' or 'paper'")
+  c.wandb_mode = "auto"
+  c.parallel = 1
+  return c
