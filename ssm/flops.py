@@ -189,8 +189,9 @@ def attention_heads(d_model):
 def family_config(family, d_model, n_layer, vocab_size, like: LMConfig = None, d_ff=None):
   """An LM of a family at a size: "mamba", "transformer++" (SwiGLU width ~8/3
   d_model), "hybrid" (Mamba layers with one attention layer in three, "MMA";
-  "MA" with two layers) or "attention" (RoPE attention blocks without MLPs: Zoology's
-  attention baseline, whose blocks are sequence mixers only, like Mamba's).
+  "MA" with two layers) or "attention" (Zoology's attention baseline: one head, no
+  MLPs, the blocks sequence mixers only like Mamba's; RoPE where Zoology has learned
+  positions).
   Widths are multiples of 8; attention heads as `attention_heads`."""
   base = like or LMConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab_size)
   base = dataclasses.replace(base, d_model=d_model, n_layer=n_layer, vocab_size=vocab_size)
@@ -208,7 +209,9 @@ def family_config(family, d_model, n_layer, vocab_size, like: LMConfig = None, d
     return dataclasses.replace(base, pattern="MMA" if n_layer >= 3 else "MA", mlp="none",
                                d_intermediate=0, attention=heads)
   if family == "attention":
-    return dataclasses.replace(base, pattern="A", mlp="none", d_intermediate=0, attention=heads)
+    one_head = dataclasses.replace(heads, n_heads=1)
+    return dataclasses.replace(base, pattern="A", mlp="none", d_intermediate=0,
+                               attention=one_head)
   raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
 
 

@@ -233,6 +233,20 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path):
                              rtol=1e-5)
 
 
+def test_early_stop_at_a_threshold_or_a_plateau_and_rerun_is_complete(tmp_path):
+  from ssm.train import train
+  train(_in_process_config(eval_every=2, stop_when="eval/accuracy>=0.0"), tmp_path / "t")
+  assert losses(tmp_path / "t")[1][-1] == 2
+  rows = (tmp_path / "t" / "metrics.jsonl").read_text()
+  train(_in_process_config(eval_every=2, stop_when="eval/accuracy>=0.0"), tmp_path / "t")
+  assert (tmp_path / "t" / "metrics.jsonl").read_text() == rows  # complete: nothing rerun
+  # lr 0: the eval loss never improves, so patience 2 stops at the third eval
+  train(_in_process_config(eval_every=2, lr=0.0, patience=2), tmp_path / "p")
+  assert losses(tmp_path / "p")[1][-1] == 6
+  with pytest.raises(ValueError, match="METRIC>=VALUE"):
+    train(_in_process_config(eval_every=2, stop_when="accuracy>0.5"), tmp_path / "bad")
+
+
 def test_bfloat16_compute_trains(tmp_path, monkeypatch):
   from ssm.train import train
   c = _in_process_config(steps=30)

@@ -36,8 +36,8 @@ def get_config(setting="cpu"):
   c.overrides = mlc.ConfigDict(dict(
       task=dict(seq_len=64, num_kv_pairs=0, vocab_size=256),
       model=dict(vocab_size=256),
-      train=dict(steps=1500, batch_size=64, warmup_steps=50, log_every=50, eval_every=100,
-                 eval_steps=2, stop_when="eval/accuracy>=0.99", patience=5),
+      train=dict(steps=800, batch_size=32, warmup_steps=50, log_every=50, eval_every=100,
+                 eval_steps=2, stop_when="eval/accuracy>=0.99", patience=3),
       checkpoint=dict(every=500)))
   if setting == "paper":
     c.sizes = (64, 128, 256, 512)
@@ -53,5 +53,5 @@ def get_config(setting="cpu"):
   elif setting != "cpu":
     raise ValueError(f"configs/compare/mqar.py:{setting}: expected 'cpu' or 'paper'")
   c.wandb_mode = "auto"
-  c.parallel = 1  # runs at a time; on GPUs each gets its own share of the devices
+  c.parallel = 2  # runs at a time, each on its share of the devices (GPUs) or cores (CPU)
   return c

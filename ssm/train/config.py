@@ -67,7 +67,7 @@ def load_config_file(spec):
 SMALL_LMS = {
     "mamba": dict(pattern="M"),
     "transformer": dict(pattern="A", mlp="swiglu", d_intermediate=128),
-    "attention": dict(pattern="A"),
+    "attention": dict(pattern="A", attention=AttentionConfig(n_heads=1)),
     "hybrid": dict(pattern="MA"),
 }
 
@@ -76,6 +76,6 @@ def small_lm(arch, vocab_size, where):
   """`config.model` of the small `arch` LM; `where` names the config file in errors."""
   if arch not in SMALL_LMS:
     raise ValueError(f"{where}:{arch}: expected one of {list(SMALL_LMS)}")
-  return model_config(LMConfig(
-      d_model=64, n_layer=2, vocab_size=vocab_size, mamba=MambaConfig(d_state=16),
-      attention=AttentionConfig(n_heads=4), **SMALL_LMS[arch]))
+  fields = dict(attention=AttentionConfig(n_heads=4)) | SMALL_LMS[arch]
+  return model_config(LMConfig(d_model=64, n_layer=2, vocab_size=vocab_size,
+                               mamba=MambaConfig(d_state=16), **fields))

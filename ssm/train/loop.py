@@ -308,9 +308,12 @@ class EarlyStop:
       raise ValueError("train.patience counts evals without improvement of "
                        "checkpoint.best_metric, which is empty: set it (e.g. 'eval/loss')")
     if (t.stop_when or t.patience) and not t.eval_every:
-      raise ValueError("train.stop_when and train.patience are checked at evals: set "
-                       "train.eval_every")
-    self.patience, self.metric = t.patience, checkpoint.best_metric
+      log.warning("train.stop_when and train.patience are checked at evals, and "
+                  "train.eval_every is 0: the run goes to train.steps")
+      self.threshold, t_patience = None, 0
+    else:
+      t_patience = t.patience
+    self.patience, self.metric = t_patience, checkpoint.best_metric
     self.sign = -1 if checkpoint.best_mode == "max" else 1
     self.best, self.waited = float("inf"), 0
 
