@@ -1,6 +1,6 @@
 """Byte-level language modelling (the MambaByte setting): text as bytes, packed
 into rows with document boundaries reset, bits per byte as the metric. By default
-Tiny Shakespeare from a local file, with models small enough for a 2-core CPU:
+Tiny Shakespeare, shipped with the package (ssm/data/corpora), with models small enough for a 2-core CPU:
 
   ssm-train --config configs/bytes.py:mamba --workdir runs/bytes-mamba
   ssm-train --config configs/bytes.py:transformer --workdir runs/bytes-tpp
@@ -15,9 +15,7 @@ rows): --config.task.path= --config.task.dataset=pg19 --config.task.seq_len=8192
 --config.model.d_model=1024 --config.model.n_layer=53 --config.train.batch_size=32.
 """
 
-from pathlib import Path
-
-from ssm.data.text import VOCAB_SIZE
+from ssm.data.text import SHAKESPEARE, VOCAB_SIZE
 from ssm.layers import MambaConfig
 from ssm.layers.attention import AttentionConfig
 from ssm.models import LMConfig
@@ -28,9 +26,6 @@ ARCHS = {
     "transformer": dict(pattern="A", n_layer=2, mlp="swiglu", d_intermediate=256),
     "hybrid": dict(pattern="MMMA", n_layer=4),
 }
-# The machines' shared data, beside the checkout (DESIGN.md).
-SHAKESPEARE = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" /
-                  "input.txt")
 
 
 def get_config(arch="mamba"):
@@ -38,7 +33,7 @@ def get_config(arch="mamba"):
     raise ValueError(f"configs/bytes.py:{arch}: expected one of {list(ARCHS)}")
   c = base()
   c.task.name = "bytes"
-  c.task.path = SHAKESPEARE
+  c.task.path = str(SHAKESPEARE)
   c.task.dataset = ""
   c.task.data_dir = ""
   c.task.download = False

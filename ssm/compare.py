@@ -61,9 +61,19 @@ def plan(cfg):
         model = ref if family == cfg.reference.family else _matched(
             cfg, family, ref, seq_len or base.task.seq_len, vocab)
         for seed in cfg.seeds:
-          for lr in cfg.lrs:
+          for lr in learning_rates(cfg, family):
             runs.append(Run(family, size, seed, lr, model, seq_len))
   return runs
+
+
+def learning_rates(cfg, family):
+  """cfg.lrs: one sweep for every family, or a sweep per family (the papers tune
+  attention and Mamba apart: {"mamba": (1e-3,), "transformer++": (2e-4,)})."""
+  if isinstance(cfg.lrs, (tuple, list)):
+    return cfg.lrs
+  if family not in cfg.lrs:
+    raise ValueError(f"lrs has no learning rates for {family!r}; it has {sorted(cfg.lrs)}")
+  return cfg.lrs[family]
 
 
 def _matched(cfg, family, ref, seq_len, vocab):
@@ -115,8 +125,39 @@ def _update(config, overrides, where):
 
 
 def execute(cfg, workdir):
-  """Runs what is not finished, `cfg.parallel` at a time; returns every run's result."""
-  runs = plan(cfg)
+  """Runs what is not finished, `cfg.parallel` at a time; returns every run's result.
+
+  cfg.lr_sweep "every_seed" runs every learning rate at every seed; "first_seed" sweeps
+  the learning rates at the first seed and runs the other seeds at its best (by
+  cfg.select) for each (family, size, length): a sweep of n rates and s seeds costs
+  n + s - 1 runs rather than n * s. The runs share a persistent XLA compilation cache
+  in the workdir, so a run that differs from an earlier one only in its seed does not
+  compile again."""
+  import jax
+  cache = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                                str(Path(workdir).absolute() / "xla_cache"))
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")  # subprocesses
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  runs, sweep = plan(cfg), cfg.get("lr_sweep", "every_seed")
+  if sweep == "every_seed":
+    return _execute(cfg, runs, workdir)
+  if sweep != "first_seed":
+    raise ValueError(f"lr_sweep {sweep!r}: expected 'every_seed' or 'first_seed'")
+  key = lambda r: (r.family, r.size, r.seq_len)
+  first = [r for r in runs if r.seed == cfg.seeds[0]]
+  results = _execute(cfg, first, workdir)
+  sign = 1 if cfg.select.mode == "min" else -1
+  best = {}  # (family, size, length) -> (score, lr) of the first seed's best rate
+  for run, result in zip(first, results):
+    score = sign * result[cfg.select.metric]
+    if key(run) not in best or score < best[key(run)][0]:
+      best[key(run)] = (score, run.lr)
+  rest = [r for r in runs if r.seed != cfg.seeds[0] and r.lr == best[key(r)][1]]
+  return results + _execute(cfg, rest, workdir)
+
+
+def _execute(cfg, runs, workdir):
   pending = []
   for i, run in enumerate(runs):
     run_dir = Path(workdir).absolute() / "runs" / run.name
@@ -124,10 +165,13 @@ def execute(cfg, workdir):
       log.info("[%d/%d] %s: finished, skipped", i + 1, len(runs), run.name)
       continue
     run_dir.mkdir(parents=True, exist_ok=True)
-    request = dict(run=dataclasses.asdict(run) | {"model": None}, config=json.loads(
-        run_config(cfg, run).to_json_best_effort()))
+    config = run_config(cfg, run)
+    request = dict(run=dataclasses.asdict(run) | {"model": None},
+                   config=json.loads(config.to_json_best_effort()))
     (run_dir / "request.json").write_text(json.dumps(request, indent=1))
-    pending.append(run_dir)
+    pending.append((lm_flops(run.model, config.task.seq_len)["total"], run_dir))
+  # the costliest first, so that no core idles at the end waiting on one long run
+  pending = [run_dir for _, run_dir in sorted(pending, key=lambda p: -p[0])]
   if cfg.parallel <= 1:
     for run_dir in pending:
       log.info("%s", run_dir.name)
@@ -194,8 +238,9 @@ def run_one(run_dir):
 
 
 def best_rows(rows, metric="eval_loss", mode="min"):
-  """Per (family, size, length): the learning rate with the best mean over seeds, with
-  the seeds' spread (`_std`, `_min`, `_max` of loss and accuracy) beside the means."""
+  """Per (family, size, length): the learning rate with the best mean over seeds (among
+  those run at the most seeds), with the seeds' spread (`_std`, `_min`, `_max` of loss
+  and accuracy) beside the means."""
   groups = {}
   for r in rows:
     groups.setdefault((r["family"], r["size"], r["seq_len"], r["lr"]), []).append(r)
@@ -212,7 +257,9 @@ def best_rows(rows, metric="eval_loss", mode="min"):
                     for k in rs[0].get("evals", {})}
     key = (family, size, seq_len)
     sign = 1 if mode == "min" else -1
-    if key not in best or sign * row[metric] < sign * best[key][metric]:
+    # a rate run at every seed beats one run at fewer (lr_sweep="first_seed")
+    rank = lambda r: (-r["seeds"], sign * r[metric])
+    if key not in best or rank(row) < rank(best[key]):
       best[key] = row
   return sorted(best.values(), key=lambda r: (r["size"], r["seq_len"], r["family"]))
 
@@ -222,21 +269,38 @@ COLUMNS = ["family", "d_model", "n_layer", "seq_len", "params", "train_flops_per
            "eval_accuracy_min", "tokens_per_sec"]
 
 
-def write_tables(rows, workdir):
+def write_tables(rows, workdir, paper=""):
+  """results.csv and results.md; `paper` (the config's: what the paper reports for
+  this comparison) is written under the table, so that the two are read together.
+  Eval metrics beyond loss and accuracy (accuracy at other lengths, bits per byte)
+  get columns of their own."""
   workdir = Path(workdir)
+  extra = sorted({k for r in rows for k in r["evals"] if k not in ("loss", "accuracy")
+                  and not k.startswith("loss@")}, key=_eval_order)
+  rows = [dict(r, **{k: r["evals"].get(k, float("nan")) for k in extra}) for r in rows]
+  columns = COLUMNS + extra
   with (workdir / "results.csv").open("w", newline="") as f:
-    writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(f, columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
   fmt = {"params": "{:,}", "train_flops_per_token": "{:.3g}", "tokens": "{:,.0f}", "lr": "{:g}",
          "steps": "{:.0f}", "eval_loss": "{:.4f}", "eval_accuracy": "{:.4f}",
          "eval_accuracy_std": "{:.4f}", "eval_accuracy_min": "{:.4f}", "tokens_per_sec": "{:,.0f}"}
-  lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+  fmt.update({k: "{:.4f}" for k in extra})
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   for r in rows:
-    lines.append("| " + " | ".join(fmt.get(k, "{}").format(r[k]) for k in COLUMNS) + " |")
+    lines.append("| " + " | ".join(fmt.get(k, "{}").format(r[k]) for k in columns) + " |")
   table = "\n".join(lines) + "\n"
+  if paper:
+    table += f"\nThe paper: {paper.strip()}\n"
   (workdir / "results.md").write_text(table)
   return table
+
+
+def _eval_order(key):
+  """accuracy@128 before accuracy@1024; other metrics after, by name."""
+  name, _, length = key.partition("@")
+  return (name, int(length) if length.isdigit() else -1)
 
 
 def plot(rows, workdir):
@@ -244,7 +308,8 @@ def plot(rows, workdir):
 
   accuracy.png: eval accuracy against model width per family, one panel per task
     length, the seeds' range as error bars (Zoology's Figure 2).
-  loss.png: eval loss against training FLOPs and against parameters (longest length).
+  loss.png: eval loss (bits per byte for byte-level text) against training FLOPs and
+    against parameters (longest length).
   lengths.png, where the task is evaluated at other lengths: accuracy against the
     evaluation length per family, at the largest size (Mamba's Table 2)."""
   import matplotlib
@@ -265,6 +330,9 @@ def plot(rows, workdir):
              [r["eval_accuracy_max"] - a for a, r in zip(acc, rs)]]
       ax.errorbar([r["d_model"] for r in rs], acc, yerr=err, fmt="o-", capsize=3, label=family)
     ax.set_xscale("log", base=2)
+    widths = sorted({r["d_model"] for r in rows if r["seq_len"] == seq_len})
+    ax.set_xticks(widths, [str(w) for w in widths])
+    ax.minorticks_off()
     ax.set_xlabel("model width (d_model)")
     ax.set_title(f"sequence length {seq_len}")
     ax.set_ylim(-0.02, 1.02)
@@ -275,17 +343,19 @@ def plot(rows, workdir):
   paths.append(_save(fig, Path(workdir) / "accuracy.png"))
 
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  bpb = all("bits_per_byte" in r["evals"] for r in rows)  # byte-level LM: MambaByte's axis
+  y = (lambda r: r["evals"]["bits_per_byte"]) if bpb else (lambda r: r["eval_loss"])
   for family in families:
     rs = sorted((r for r in rows if r["family"] == family and r["seq_len"] == lengths[-1]),
                 key=lambda r: r["params"])
-    axes[0].plot([r["train_flops"] for r in rs], [r["eval_loss"] for r in rs], "o-", label=family)
-    axes[1].plot([r["params"] for r in rs], [r["eval_loss"] for r in rs], "o-", label=family)
+    axes[0].plot([r["train_flops"] for r in rs], [y(r) for r in rs], "o-", label=family)
+    axes[1].plot([r["params"] for r in rs], [y(r) for r in rs], "o-", label=family)
   for ax, label, key in zip(axes, ("training FLOPs", "parameters"), ("train_flops", "params")):
     values = [r[key] for r in rows]
     if max(values) > 10 * min(values):  # a log axis only where sizes span a decade
       ax.set_xscale("log")
     ax.set_xlabel(label)
-    ax.set_ylabel("eval loss")
+    ax.set_ylabel("eval bits per byte" if bpb else "eval loss")
     ax.grid(alpha=0.3)
   axes[0].legend()
   fig.tight_layout()
@@ -322,7 +392,7 @@ def compare(cfg, workdir):
   workdir = Path(workdir or Path("runs") / cfg.name)
   workdir.mkdir(parents=True, exist_ok=True)
   rows = best_rows(execute(cfg, workdir), cfg.select.metric, cfg.select.mode)
-  table = write_tables(rows, workdir)
+  table = write_tables(rows, workdir, cfg.get("paper", ""))
   figures = plot(rows, workdir)
   return workdir, table, figures
 

@@ -1,6 +1,8 @@
 """ssm.compare: the plan matches sizes; a killed sweep finishes on rerun without
-redoing finished runs; tables and plots are written."""
+redoing finished runs; tables and plots are written; every paper reproduction in
+configs/compare/ runs end to end at a tiny size."""
 
+import csv
 import json
 import os
 import signal
@@ -11,21 +13,27 @@ from pathlib import Path
 
 import pytest
 
-from ssm.compare import load_config_file, plan
+import ml_collections as mlc
+
+from ssm.compare import compare as run_compare
+from ssm.compare import learning_rates, load_config_file, plan
 from ssm.flops import lm_flops, lm_params
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "compare" / "mqar.py")
 TINY = ["--config.overrides.train.steps=6", "--config.overrides.train.eval_every=6",
         "--config.overrides.train.log_every=3", "--config.overrides.checkpoint.every=3",
-        "--config.wandb_mode=disabled"]
+        "--config.wandb_mode=disabled", "--config.sizes=(32,)", "--config.seeds=(0,)",
+        "--config.lrs.attention=(3e-3,)", "--config.lrs.mamba=(3e-3,)",
+        "--config.lrs.hybrid=(3e-3,)"]
+REPRODUCTIONS = ["mqar", "induction_heads", "selective_copy", "bytes"]
 
 
 def test_plan_matches_every_family_within_tolerance():
   cfg = load_config_file(CONFIG)
   cfg.families, cfg.match = ("mamba", "transformer++", "hybrid"), "params"
   cfg.sizes = (120, 128)
-  cfg.lrs = (1e-3, 3e-3)
+  cfg.lrs = mlc.ConfigDict({f: (1e-3, 3e-3) for f in cfg.families})
   cfg.seeds = (0,)
   runs = plan(cfg)
   assert len(runs) == 2 * 3 * 2
@@ -49,7 +57,8 @@ def test_width_plan_is_zoologys_axis():
   attention among them, every seed and learning rate."""
   cfg = load_config_file(CONFIG)
   runs = plan(cfg)
-  assert len(runs) == len(cfg.sizes) * len(cfg.families) * len(cfg.seeds) * len(cfg.lrs)
+  sweep = sum(len(learning_rates(cfg, f)) for f in cfg.families)
+  assert len(runs) == len(cfg.sizes) * len(cfg.seeds) * sweep
   for r in runs:
     assert (r.model.d_model, r.model.n_layer) == (r.size, 2)
   attention = next(r.model for r in runs if r.family == "attention")
@@ -59,8 +68,9 @@ def test_width_plan_is_zoologys_axis():
 def test_flop_matching_uses_each_swept_length():
   """Attention's FLOPs grow with the length: each length gets its own match."""
   cfg = load_config_file(CONFIG)
-  cfg.match, cfg.same_depth, cfg.sizes, cfg.seq_lens = "flops", False, (128,), (64, 1024)
+  cfg.match, cfg.same_depth, cfg.sizes, cfg.seq_lens = "flops", False, (144,), (64, 1024)
   cfg.families = ("mamba", "transformer++", "hybrid")
+  cfg.lrs = mlc.ConfigDict({f: (3e-3,) for f in cfg.families})
   runs = plan(cfg)
   for seq_len in (64, 1024):
     at = [r for r in runs if r.seq_len == seq_len]
@@ -98,7 +108,74 @@ def test_killed_sweep_finishes_without_redoing_runs(tmp_path):
   for name, mtime in finished.items():
     assert (runs / name / "result.json").stat().st_mtime_ns == mtime
   results = [json.loads(p.read_text()) for p in runs.glob("*/result.json")]
-  assert sorted(r["family"] for r in results) == ["hybrid", "mamba", "transformer++"]
+  assert sorted(r["family"] for r in results) == ["attention", "hybrid", "mamba"]
   table = (tmp_path / "results.md").read_text()
-  assert all(f in table for f in ("mamba", "transformer++", "hybrid", "eval_loss"))
+  assert all(f in table for f in ("mamba", "attention", "hybrid", "eval_loss"))
   assert (tmp_path / "results.csv").exists() and (tmp_path / "loss.png").stat().st_size > 0
+
+
+def _tiny(cfg):
+  """A reproduction at its smallest: one size, seed and learning rate per family, two
+  steps, evaluated once (at every evaluation length the config names)."""
+  cfg.sizes, cfg.seeds, cfg.parallel, cfg.wandb_mode = cfg.sizes[:1], (0,), 1, "disabled"
+  if isinstance(cfg.lrs, mlc.ConfigDict):
+    for family in cfg.lrs:
+      cfg.lrs[family] = cfg.lrs[family][:1]
+  else:
+    cfg.lrs = cfg.lrs[:1]
+  cfg.overrides.train.update(steps=2, eval_every=2, eval_steps=1, log_every=1)
+  cfg.overrides.checkpoint.every = 2
+  return cfg
+
+
+@pytest.mark.parametrize("name", REPRODUCTIONS)
+def test_each_reproduction_runs_end_to_end(name, tmp_path):
+  """The pipeline and the table of each paper's reproduction (not its accuracy: that
+  is for the full runs in docs/results/), and its paper setting plans."""
+  cfg = _tiny(load_config_file(str(ROOT / "configs" / "compare" / f"{name}.py")))
+  workdir, table, figures = run_compare(cfg, tmp_path)
+  rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+  assert sorted(r["family"] for r in rows) == sorted(cfg.families)
+  assert all(float(r["steps"]) == 2 for r in rows)
+  assert "The paper: " in table and all(f in table for f in cfg.families)
+  assert all(Path(f).stat().st_size > 0 for f in figures)
+  base = load_config_file(cfg.base)
+  extra = [f"accuracy@{n}" for n in base.task.get("eval_seq_lens", ()) if n != base.task.seq_len]
+  if name == "bytes":
+    extra = ["bits_per_byte"]
+  assert all(k in rows[0] and rows[0][k] != "nan" for k in extra), (extra, rows[0].keys())
+  paper = load_config_file(str(ROOT / "configs" / "compare" / f"{name}.py") + ":paper")
+  assert plan(paper)
+
+
+def test_first_seed_sweep_runs_other_seeds_at_its_best_rate(monkeypatch, tmp_path):
+  """lr_sweep="first_seed": every rate at seed 0, then seeds 1 and 2 only at the rate
+  that was best at seed 0, per (family, size); the table reports that rate."""
+  import ssm.compare as sc
+  cfg = load_config_file(CONFIG)
+  cfg.sizes, cfg.seeds, cfg.lr_sweep = (64,), (0, 1, 2), "first_seed"
+  cfg.families = ("attention", "mamba")
+  cfg.lrs = mlc.ConfigDict({"attention": (1e-3, 3e-3, 1e-2), "mamba": (1e-3, 3e-3)})
+  good = {"attention": 3e-3, "mamba": 1e-3}
+  batches = []
+
+  def fake_execute(cfg, runs, workdir):
+    batches.append(runs)
+    return [dict(family=r.family, size=r.size, seed=r.seed, lr=r.lr, seq_len=64,
+                 eval_accuracy=(0.9 if r.lr == good[r.family] else 0.5) + 0.01 * r.seed,
+                 eval_loss=1.0, tokens_per_sec=1.0, steps=1, tokens=1, train_flops=1.0,
+                 evals={}) for r in runs]
+
+  monkeypatch.setattr(sc, "_execute", fake_execute)
+  results = sc.execute(cfg, tmp_path)
+  first, rest = batches
+  assert {(r.family, r.lr) for r in first} == {("attention", 1e-3), ("attention", 3e-3),
+                                              ("attention", 1e-2), ("mamba", 1e-3),
+                                              ("mamba", 3e-3)}
+  assert all(r.seed == 0 for r in first)
+  assert sorted((r.family, r.seed, r.lr) for r in rest) == [
+      ("attention", 1, 3e-3), ("attention", 2, 3e-3), ("mamba", 1, 1e-3), ("mamba", 2, 1e-3)]
+  rows = sc.best_rows(results, "eval_accuracy", "max")
+  assert [(r["family"], r["lr"], r["seeds"]) for r in rows] == [("attention", 3e-3, 3),
+                                                                 ("mamba", 1e-3, 3)]
+  assert rows[0]["eval_accuracy_min"] == 0.9 and rows[0]["eval_accuracy_max"] == 0.92

@@ -14,16 +14,12 @@ import pytest
 
 from ssm.data import make_pipeline
 from ssm.data.images import Images
-from ssm.data.text import BOS, ByteText
+from ssm.data.text import BOS, SHAKESPEARE, ByteText
 from ssm.train.config import load_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
-# The machines' shared data (DESIGN.md), beside the checkout or at its usual place.
-SHAKESPEARE = next((p for p in (ROOT.parent / "shared", Path("/work/shared"))
-                    if (p / "data/tinyshakespeare/input.txt").exists()),
-                   ROOT.parent / "shared") / "data" / "tinyshakespeare" / "input.txt"
+# Debian's dataset-fashion-mnist (DESIGN.md); the Shakespeare corpus ships in ssm/data.
 FASHION = "/usr/share/datasets/fashion-mnist"
-needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE.exists(), reason=f"no {SHAKESPEARE}")
 needs_fashion = pytest.mark.skipif(
     not os.path.isdir(FASHION) and not os.environ.get("CI"),
     reason="apt-get install dataset-fashion-mnist")
@@ -57,7 +53,6 @@ def pipelines(tmp_path):
 
 
 # --- byte-level text ------------------------------------------------------------
-@needs_shakespeare
 def test_text_rows_are_the_file_bytes_in_order_with_resets_at_document_starts():
   corpus = SHAKESPEARE.read_bytes()
   t = ByteText(seq_len=200, batch_size=4, path=str(SHAKESPEARE), doc_separator="\n\n")
@@ -80,7 +75,6 @@ def test_text_rows_are_the_file_bytes_in_order_with_resets_at_document_starts():
   assert batch["reset"].any()
 
 
-@needs_shakespeare
 def test_text_train_and_eval_are_the_two_parts_of_the_file():
   corpus = SHAKESPEARE.read_bytes()
   cut = int(len(corpus) * 0.9)
@@ -248,7 +242,6 @@ def metrics(workdir):
   return [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
-@needs_shakespeare
 def test_bytes_train_and_resume_exactly_through_the_loop(tmp_path):
   """Shakespeare through grain to train steps; stopping at step 3 and resuming from
   the checkpointed pipeline position gives the losses of an unbroken run."""
@@ -314,7 +307,6 @@ np.savez(f"{out}/rows{pid}.npz", rows=np.array([trainer.process_rows().start,
 """
 
 
-@needs_shakespeare
 @needs_fashion
 def test_two_jax_processes_read_disjoint_rows_of_the_same_global_batch(tmp_path):
   """Two processes through jax.distributed (gloo): each makes only its rows; the
@@ -355,8 +347,6 @@ def test_shakespeare_and_fashion_mnist_through_real_tfds_array_record_files(tmp_
   """Local files written as tfds datasets (ArrayRecord, no TensorFlow), then read
   back through tfds.data_source: the same batches as the local-file readers."""
   import tensorflow_datasets as tfds
-  if not SHAKESPEARE.exists():
-    pytest.skip(f"no {SHAKESPEARE}")
   text = SHAKESPEARE.read_bytes()
   cut = int(len(text) * 0.9)
   fashion = {s: Images(batch_size=1, path=FASHION).records(s) for s in ("train", "eval")}

@@ -24,20 +24,25 @@ def get_config(setting="cpu"):
   c.tolerance = 0.02
   c.seq_lens = ()
   c.seeds = (0,)
-  c.lrs = (3e-3,)
+  # per family: Mamba learns the task fast at 1e-2; attention is swept lower
+  c.lrs = mlc.ConfigDict({"mamba": (1e-2,), "transformer++": (1e-3, 3e-3),
+                          "hybrid": (3e-3, 1e-2)})
   c.select = mlc.ConfigDict(dict(metric="eval_accuracy", mode="max"))
   c.overrides = mlc.ConfigDict(dict(
-      train=dict(steps=2000, batch_size=32, schedule="constant", warmup_steps=20,
-                 log_every=50, eval_every=250, eval_steps=2, stop_when="eval/accuracy>=0.99"),
+      train=dict(steps=2000, eval_steps=2),
       checkpoint=dict(every=500)))
+  c.paper = (
+      "Table 1 (length 4096, 16 tokens to copy, vocabulary 16; 2 layers, width 64; "
+      "400K steps at 1e-4): Mamba (S6) 99.8%, H3 with S6 99.7%, S6 without gating 97.0%; "
+      "S4 18.3-57.0%, Hyena 28.4-30.1%. Table 1 has no attention baseline.")
   if setting == "paper":
-    c.lrs = (1e-4,)
+    c.lrs = mlc.ConfigDict({family: (1e-4,) for family in c.families})
     c.overrides.task = mlc.ConfigDict(dict(seq_len=4096, num_tokens_to_copy=16))
-    c.overrides.train.update(steps=400_000, batch_size=64, warmup_steps=0,
+    c.overrides.train.update(steps=400_000, batch_size=64, schedule="constant", warmup_steps=0,
                              eval_every=10_000, stop_when="")
     c.overrides.checkpoint.every = 10_000
   elif setting != "cpu":
     raise ValueError(f"configs/compare/selective_copy.py:{setting}: expected 'cpu' or 'paper'")
   c.wandb_mode = "auto"
-  c.parallel = 1
+  c.parallel = 2
   return c

@@ -17,6 +17,8 @@ import dataclasses
 import glob
 import os
 
+from pathlib import Path
+
 import grain
 import numpy as np
 from grain import experimental as gx
@@ -25,6 +27,9 @@ from ssm.data.pipeline import Pipeline
 
 BOS = 256
 VOCAB_SIZE = 257
+# A small corpus shipped with the package (Karpathy's Tiny Shakespeare, 1,115,394
+# bytes, public domain): the default of configs/bytes.py, so a fresh clone trains.
+SHAKESPEARE = Path(__file__).parent / "corpora" / "tinyshakespeare.txt"
 # The text feature of the tfds datasets we know; others: set task.text_key.
 TEXT_KEYS = {"pg19": "book_text", "tiny_shakespeare": "text", "lm1b": "text"}
 

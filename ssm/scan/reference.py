@@ -12,6 +12,7 @@ softplus'd (see `ssm.scan.core`):
 forward and carries its hand-derived backward: a reverse `lax.scan` over the saved
 states, about twice as fast as XLA's transpose of the forward loop on CPU, where
 this backend is the default. tests/test_scan.py holds the two to each other.
+`step` is one step in the public (B, D, N) state layout, for decoding.
 """
 
 import jax
@@ -31,23 +32,31 @@ def _time_major(*xs):
   return tuple(jnp.moveaxis(x, 1, 0) for x in xs)
 
 
-def _forward(u_BLD, delta_BLD, A_DN, B_BLN, C_BLN, keep_BL, h0_BDN, keep_states):
-  """(y (L, B, D), h_L, every h_t (L, B, D, N) if keep_states else None)."""
+# Inside the scan the state is laid out (B, N, D): channels are the minor axis, so the
+# per-step sums over N add whole vectors rather than reduce rows of 16; about 3x
+# faster forward and 2.6x forward+backward on CPU than (B, D, N) (one step as `step`).
 
-  def body(h_BDN, xs):
+
+def _forward(u_BLD, delta_BLD, A_DN, B_BLN, C_BLN, keep_BL, h0_BDN, keep_states):
+  """(y (L, B, D), h_L (B, N, D), every h_t (L, B, N, D) if keep_states else None)."""
+  A_ND = A_DN.T
+
+  def body(h_BND, xs):
     u_BD, delta_BD, B_BN, C_BN, keep_B = xs
-    h_BDN, y_BD = step(h_BDN, u_BD, delta_BD, A_DN, B_BN, C_BN, keep_B)
-    return h_BDN, (y_BD, h_BDN if keep_states else None)
+    dA_BND = jnp.exp(delta_BD[:, None, :] * A_ND) * keep_B[:, None, None]
+    h_BND = dA_BND * h_BND + B_BN[:, :, None] * (delta_BD * u_BD)[:, None, :]
+    y_BD = jnp.sum(h_BND * C_BN[:, :, None], axis=1)  # multiply-and-sum: no TF32 dot
+    return h_BND, (y_BD, h_BND if keep_states else None)
 
   xs = _time_major(u_BLD, delta_BLD, B_BLN, C_BLN, keep_BL)
-  hT_BDN, (y_LBD, h_LBDN) = jax.lax.scan(body, h0_BDN, xs)
-  return y_LBD, hT_BDN, h_LBDN
+  hT_BND, (y_LBD, h_LBND) = jax.lax.scan(body, jnp.swapaxes(h0_BDN, 1, 2), xs)
+  return y_LBD, hT_BND, h_LBND
 
 
 def recurrence(u_BLD, delta_BLD, A_DN, B_BLN, C_BLN, keep_BL, h0_BDN):
   """Sequential scan over the length axis. Returns (y (B, L, D), h_L (B, D, N))."""
-  y_LBD, hT_BDN, _ = _forward(u_BLD, delta_BLD, A_DN, B_BLN, C_BLN, keep_BL, h0_BDN, False)
-  return jnp.moveaxis(y_LBD, 0, 1), hT_BDN
+  y_LBD, hT_BND, _ = _forward(u_BLD, delta_BLD, A_DN, B_BLN, C_BLN, keep_BL, h0_BDN, False)
+  return jnp.moveaxis(y_LBD, 0, 1), jnp.swapaxes(hT_BND, 1, 2)
 
 
 @jax.custom_vjp
@@ -57,36 +66,37 @@ def scan(u_BLD, delta_BLD, A_DN, B_BLN, C_BLN, keep_BL, h0_BDN):
 
 
 def _scan_fwd(u_BLD, delta_BLD, A_DN, B_BLN, C_BLN, keep_BL, h0_BDN):
-  y_LBD, hT_BDN, h_LBDN = _forward(u_BLD, delta_BLD, A_DN, B_BLN, C_BLN, keep_BL, h0_BDN, True)
-  residuals = (u_BLD, delta_BLD, A_DN, B_BLN, C_BLN, keep_BL, h0_BDN, h_LBDN)
-  return (jnp.moveaxis(y_LBD, 0, 1), hT_BDN), residuals
+  y_LBD, hT_BND, h_LBND = _forward(u_BLD, delta_BLD, A_DN, B_BLN, C_BLN, keep_BL, h0_BDN, True)
+  residuals = (u_BLD, delta_BLD, A_DN, B_BLN, C_BLN, keep_BL, h0_BDN, h_LBND)
+  return (jnp.moveaxis(y_LBD, 0, 1), jnp.swapaxes(hT_BND, 1, 2)), residuals
 
 
 def _scan_bwd(residuals, cotangents):
   """Backwards in time: dh_t = dy_t C_t + a_{t+1} dh_{t+1}, with a_t = keep_t
   exp(delta_t A); each step's input gradients follow from dh_t and h_{t-1}."""
-  u_BLD, delta_BLD, A_DN, B_BLN, C_BLN, keep_BL, h0_BDN, h_LBDN = residuals
+  u_BLD, delta_BLD, A_DN, B_BLN, C_BLN, keep_BL, h0_BDN, h_LBND = residuals
   dy_BLD, dhT_BDN = cotangents
-  hprev_LBDN = jnp.concatenate([h0_BDN[None], h_LBDN[:-1]], 0)
+  A_ND = A_DN.T
+  hprev_LBND = jnp.concatenate([jnp.swapaxes(h0_BDN, 1, 2)[None], h_LBND[:-1]], 0)
 
   def body(carry, xs):
-    dh_BDN, dA_DN = carry
-    u_BD, delta_BD, B_BN, C_BN, keep_B, dy_BD, hprev_BDN, h_BDN = xs
-    dh_BDN = dh_BDN + dy_BD[..., None] * C_BN[:, None, :]
-    dC_BN = jnp.sum(h_BDN * dy_BD[..., None], 1)
-    a_BDN = jnp.exp(delta_BD[..., None] * A_DN) * keep_B[:, None, None]
-    dlog_a_BDN = dh_BDN * hprev_BDN * a_BDN  # the gradient of delta * A
-    dA_DN = dA_DN + jnp.sum(dlog_a_BDN * delta_BD[..., None], 0)
-    dinput_BD = jnp.sum(dh_BDN * B_BN[:, None, :], -1)  # the gradient of delta * u
-    ddelta_BD = jnp.sum(dlog_a_BDN * A_DN, -1) + dinput_BD * u_BD
-    dB_BN = jnp.sum(dh_BDN * (delta_BD * u_BD)[..., None], 1)
-    return (dh_BDN * a_BDN, dA_DN), (dinput_BD * delta_BD, ddelta_BD, dB_BN, dC_BN)
+    dh_BND, dA_ND = carry
+    u_BD, delta_BD, B_BN, C_BN, keep_B, dy_BD, hprev_BND, h_BND = xs
+    dh_BND = dh_BND + C_BN[:, :, None] * dy_BD[:, None, :]
+    dC_BN = jnp.sum(h_BND * dy_BD[:, None, :], -1)
+    a_BND = jnp.exp(delta_BD[:, None, :] * A_ND) * keep_B[:, None, None]
+    dlog_a_BND = dh_BND * hprev_BND * a_BND  # the gradient of delta * A
+    dA_ND = dA_ND + jnp.sum(dlog_a_BND * delta_BD[:, None, :], 0)
+    dinput_BD = jnp.sum(dh_BND * B_BN[:, :, None], 1)  # the gradient of delta * u
+    ddelta_BD = jnp.sum(dlog_a_BND * A_ND, 1) + dinput_BD * u_BD
+    dB_BN = jnp.sum(dh_BND * (delta_BD * u_BD)[:, None, :], -1)
+    return (dh_BND * a_BND, dA_ND), (dinput_BD * delta_BD, ddelta_BD, dB_BN, dC_BN)
 
-  xs = (*_time_major(u_BLD, delta_BLD, B_BLN, C_BLN, keep_BL, dy_BLD), hprev_LBDN, h_LBDN)
-  (dh0_BDN, dA_DN), grads_L = jax.lax.scan(body, (dhT_BDN, jnp.zeros_like(A_DN)), xs,
-                                           reverse=True)
+  xs = (*_time_major(u_BLD, delta_BLD, B_BLN, C_BLN, keep_BL, dy_BLD), hprev_LBND, h_LBND)
+  init = (jnp.swapaxes(dhT_BDN, 1, 2), jnp.zeros_like(A_ND))
+  (dh0_BND, dA_ND), grads_L = jax.lax.scan(body, init, xs, reverse=True)
   du, ddelta, dB, dC = (jnp.moveaxis(g, 0, 1) for g in grads_L)
-  return du, ddelta, dA_DN, dB, dC, jnp.zeros_like(keep_BL), dh0_BDN
+  return du, ddelta, dA_ND.T, dB, dC, jnp.zeros_like(keep_BL), jnp.swapaxes(dh0_BND, 1, 2)
 
 
 scan.defvjp(_scan_fwd, _scan_bwd)
