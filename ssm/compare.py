@@ -161,13 +161,17 @@ def _execute(cfg, runs, workdir):
   pending = []
   for i, run in enumerate(runs):
     run_dir = Path(workdir).absolute() / "runs" / run.name
-    if (run_dir / "result.json").exists():
-      log.info("[%d/%d] %s: finished, skipped", i + 1, len(runs), run.name)
-      continue
-    run_dir.mkdir(parents=True, exist_ok=True)
     config = run_config(cfg, run)
     request = dict(run=dataclasses.asdict(run) | {"model": None},
                    config=json.loads(config.to_json_best_effort()))
+    if (run_dir / "result.json").exists():
+      if json.loads((run_dir / "request.json").read_text())["config"] != request["config"]:
+        raise ValueError(f"{run_dir} was trained with another config than this comparison "
+                         "asks for (its request.json): give the comparison a new --workdir, "
+                         "or delete that run to train it again")
+      log.info("[%d/%d] %s: finished, skipped", i + 1, len(runs), run.name)
+      continue
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "request.json").write_text(json.dumps(request, indent=1))
     pending.append((lm_flops(run.model, config.task.seq_len)["total"], run_dir))
   # the costliest first, so that no core idles at the end waiting on one long run

@@ -179,3 +179,13 @@ def test_first_seed_sweep_runs_other_seeds_at_its_best_rate(monkeypatch, tmp_pat
   assert [(r["family"], r["lr"], r["seeds"]) for r in rows] == [("attention", 3e-3, 3),
                                                                  ("mamba", 1e-3, 3)]
   assert rows[0]["eval_accuracy_min"] == 0.9 and rows[0]["eval_accuracy_max"] == 0.92
+
+
+def test_finished_runs_of_another_config_are_an_error_not_reused(tmp_path):
+  """A finished run is reused only if it was trained with the config asked for now."""
+  cfg = _tiny(load_config_file(CONFIG))
+  cfg.families = ("attention",)
+  run_compare(cfg, tmp_path)
+  cfg.overrides.train.warmup_steps = 1  # same run names, another recipe
+  with pytest.raises(ValueError, match="another config"):
+    run_compare(cfg, tmp_path)
