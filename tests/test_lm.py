@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ssm.layers import MambaConfig
 from ssm.flops import param_count
-from ssm.models import LanguageModel, LMConfig, get_preset
+from ssm.layers import MambaConfig
+from ssm.layers.attention import AttentionConfig
+from ssm.models import LanguageModel, LMConfig, build, get_preset
 
 
 @pytest.mark.parametrize("name,count", [("mamba-130m", 129_135_360), ("mamba-370m", 371_516_416)])
@@ -100,3 +101,33 @@ def test_hybrid_learns_to_copy():
 
   losses = fit(hybrid(), loss_fn, batches(150), lr=1e-2)
   assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
+
+
+def test_attention_lm_learns_to_copy_the_previous_token():
+  """The simplest positional task: label t is input t-1. A one-layer RoPE attention LM
+  learns it in a few hundred steps (what MQAR's first layer must learn:
+  docs/results/synthetic-audit.md), so positions and the causal mask train as well as
+  they compute."""
+  import optax
+  config = LMConfig(d_model=32, n_layer=1, vocab_size=16, pattern="A",
+                    attention=AttentionConfig(n_heads=1))
+  graphdef, params = nnx.split(build(config, rngs=nnx.Rngs(0)))
+  params = nnx.to_pure_dict(params)
+  tx = optax.adam(3e-3)
+  opt = tx.init(params)
+
+  def loss_fn(params, x):
+    logits = nnx.merge(graphdef, params)(x)[:, 1:]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, x[:, :-1])
+    return ce.mean(), (logits.argmax(-1) == x[:, :-1]).mean()
+
+  @jax.jit
+  def step(params, opt, x):
+    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x)
+    updates, opt = tx.update(grads, opt, params)
+    return optax.apply_updates(params, updates), opt, accuracy
+
+  rng = np.random.default_rng(0)
+  for _ in range(300):
+    params, opt, accuracy = step(params, opt, jnp.asarray(rng.integers(0, 16, (32, 24))))
+  assert float(accuracy) > 0.95
