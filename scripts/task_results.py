@@ -42,7 +42,9 @@ def main(argv=None):
     final = train(c, workdir)
     minutes = (time.perf_counter() - start) / 60
     evals = {k.removeprefix("eval/"): v for k, v in final.items() if k.startswith("eval/")}
-    rows.append((spec, c.train.steps, minutes, evals))
+    # the steps trained: fewer than train.steps where the run stopped early (stop_when)
+    steps = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    rows.append((spec, steps, minutes, evals))
     print(spec, json.dumps(evals), flush=True)
   table = "| config | steps | minutes | final eval metrics |\n|---|---|---|---|\n" + "".join(
       f"| {s} | {n} | {m:.1f} | " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(e.items())
@@ -56,7 +58,8 @@ def main(argv=None):
         "# Default task configs, trained\n\n"
         f"`{cmd.strip()}` on {jax.devices()[0].platform} ({jax.device_count()} device(s), "
         f"a shared 2-core machine), JAX {jax.__version__}, {datetime.date.today()}. Each "
-        "config's defaults, one seed; 'minutes' include compilation and evaluation.\n\n"
+        "config's defaults, one seed; 'steps' are those trained (a run stops early at its "
+        "train.stop_when), 'minutes' include compilation and evaluation.\n\n"
         + table)
 
 

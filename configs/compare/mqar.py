@@ -40,8 +40,8 @@ def get_config(setting="cpu"):
   c.overrides = mlc.ConfigDict(dict(
       # a constant rate after warmup: the step cap must not decay it (synthetic-audit.md)
       train=dict(steps=640, batch_size=32, schedule="constant", log_every=40, eval_every=40,
-                 eval_steps=4),
-      checkpoint=dict(every=400)))
+                 eval_steps=2),
+      checkpoint=dict(every=640)))  # at the end: a killed run of a few minutes restarts
   c.paper = (
       "Zoology's Figure 2 (vocab 8192; (length, pairs) = (64, 4) .. (512, 64); two layers; "
       "the best of four learning rates): attention solves MQAR, accuracy about 1.0, at "
