@@ -1,6 +1,7 @@
 """Byte-level language modelling (the MambaByte setting): text as bytes, packed
 into rows with document boundaries reset, bits per byte as the metric. By default
-Tiny Shakespeare, shipped with the package (ssm/data/corpora), with models small enough for a 2-core CPU:
+Tiny Shakespeare, shipped with the package (ssm/data/corpora), with models small
+enough for a 2-core CPU:
 
   ssm-train --config configs/bytes.py:mamba --workdir runs/bytes-mamba
   ssm-train --config configs/bytes.py:transformer --workdir runs/bytes-tpp

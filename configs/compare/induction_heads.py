@@ -7,9 +7,10 @@ attention (Zoology's mixer-only, one head) and Transformer++, matched on paramet
 
 CPU: trained at length 64, evaluated at 64 .. 1024 (256 examples each), a learning rate
 that is still high when the sudden learning happens (docs/results/synthetic-audit.md).
-The paper's setting: trained at 256 for 25 epochs of 8192 steps at batch 8, Adam without weight decay at a constant 1e-3 (Mamba) or 2e-4
-(attention), evaluated at 2^6 .. 2^20; the longest lengths want an accelerator, and
-attention's memory grows with the square of the length.
+The paper's setting: trained at 256 for 25 epochs of 8192 steps at batch 8, Adam
+without weight decay at a constant 1e-3 (Mamba) or 2e-4 (attention), evaluated at
+2^6 .. 2^20; the longest lengths want an accelerator, and attention's memory grows
+with the square of the length.
 """
 
 import ml_collections as mlc
