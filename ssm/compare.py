@@ -144,16 +144,13 @@ def execute(cfg, workdir):
     return _execute(cfg, runs, workdir)
   if sweep != "first_seed":
     raise ValueError(f"lr_sweep {sweep!r}: expected 'every_seed' or 'first_seed'")
-  key = lambda r: (r.family, r.size, r.seq_len)
   first = [r for r in runs if r.seed == cfg.seeds[0]]
   results = _execute(cfg, first, workdir)
-  sign = 1 if cfg.select.mode == "min" else -1
-  best = {}  # (family, size, length) -> (score, lr) of the first seed's best rate
-  for run, result in zip(first, results):
-    score = sign * result[cfg.select.metric]
-    if key(run) not in best or score < best[key(run)][0]:
-      best[key(run)] = (score, run.lr)
-  rest = [r for r in runs if r.seed != cfg.seeds[0] and r.lr == best[key(r)][1]]
+  best = {(r["family"], r["size"], r["seq_len"]): r["lr"]
+          for r in best_rows(results, cfg.select.metric, cfg.select.mode)}
+  task_len = base_config(cfg).task.seq_len
+  rest = [r for r in runs if r.seed != cfg.seeds[0]
+          and r.lr == best[(r.family, r.size, r.seq_len or task_len)]]
   return results + _execute(cfg, rest, workdir)
 
 
