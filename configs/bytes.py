@@ -20,7 +20,7 @@ from ssm.data.text import SHAKESPEARE, VOCAB_SIZE
 from ssm.layers import MambaConfig
 from ssm.layers.attention import AttentionConfig
 from ssm.models import LMConfig
-from ssm.train.config import base, lock, model_config
+from ssm.train.config import base, lock, model_config, task_config
 
 ARCHS = {
     "mamba": dict(pattern="M", n_layer=4),
@@ -33,13 +33,8 @@ def get_config(arch="mamba"):
   if arch not in ARCHS:
     raise ValueError(f"configs/bytes.py:{arch}: expected one of {list(ARCHS)}")
   c = base()
-  c.task.name = "bytes"
-  c.task.path = str(SHAKESPEARE)
-  c.task.dataset = ""
-  c.task.data_dir = ""
-  c.task.download = False
-  c.task.seq_len = 256
-  c.task.doc_separator = ""
+  c.task = task_config("bytes", path=str(SHAKESPEARE), dataset="", data_dir="", download=False,
+                       seq_len=256, doc_separator="")
   c.model = model_config(LMConfig(
       d_model=64, vocab_size=VOCAB_SIZE, mamba=MambaConfig(d_state=16),
       attention=AttentionConfig(n_heads=4), **ARCHS[arch]))

@@ -25,7 +25,7 @@ from ssm.layers import MambaConfig
 from ssm.models import LMConfig
 from ssm.models.vim import VimConfig
 from ssm.models.vit import ViTConfig
-from ssm.train.config import base, lock, model_config
+from ssm.train.config import base, lock, model_config, task_config
 
 IMAGE = dict(image_size=28, patch_size=4, channels=1, num_classes=10)
 ARCHS = {
@@ -43,16 +43,11 @@ def get_config(arch="vit_reg4"):
   if arch not in ARCHS:
     raise ValueError(f"configs/images.py:{arch}: expected one of {list(ARCHS)}")
   c = base()
-  c.task.name = "images"
-  c.task.dataset = "fashion_mnist"
-  c.task.path = "/usr/share/datasets/fashion-mnist"
-  c.task.data_dir = ""
-  c.task.download = False
-  c.task.image_size = 0
-  c.task.crop_padding = 2
-  c.task.flip = None  # the dataset's default: flips, but not for digits
-  c.task.as_sequence = arch == "mamba_seq"
-  c.task.permute = False
+  c.task = task_config(
+      "images", dataset="fashion_mnist", path="/usr/share/datasets/fashion-mnist",
+      data_dir="", download=False, image_size=0, crop_padding=2,
+      flip=None,  # the dataset's default: flips, but not for digits
+      as_sequence=arch == "mamba_seq", permute=False)
   c.model = model_config(ARCHS[arch]())
   c.train.steps = 300
   c.train.batch_size = 16 if arch == "mamba_seq" else 64  # 784-step scans are slow on CPU

@@ -26,15 +26,13 @@ attention; Mamba reported after 25 epochs of 8192 steps, attention with RoPE aft
 (the longest lengths want an accelerator, and attention at 2^20 a lot of memory).
 """
 
-from ssm.train.config import base, lock, small_lm
+from ssm.train.config import base, lock, small_lm, task_config
 
 
 def get_config(arch="mamba"):
   c = base()
-  c.task.name = "induction_heads"
-  c.task.vocab_size = 16
-  c.task.seq_len = 64
-  c.task.eval_seq_lens = (64, 128, 256, 512, 1024)
+  c.task = task_config("induction_heads", vocab_size=16, seq_len=64,
+                       eval_seq_lens=(64, 128, 256, 512, 1024))
   c.model = small_lm(arch, 16, "configs/induction_heads.py")
   c.train.steps = 1500
   c.train.batch_size = 32

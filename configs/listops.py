@@ -19,18 +19,13 @@ rsqrt decay, weight decay 0.1) is one override away:
 whole expression, so the numbers are not directly comparable to LRA's table.)
 """
 
-from ssm.train.config import base, lock, small_lm
+from ssm.train.config import base, lock, small_lm, task_config
 
 
 def get_config(arch="mamba"):
   c = base()
-  c.task.name = "listops"
-  c.task.vocab_size = 16
-  c.task.seq_len = 64
-  c.task.max_depth = 10
-  c.task.max_args = 10
-  c.task.min_length = 8
-  c.task.max_length = 64
+  c.task = task_config("listops", vocab_size=16, seq_len=64, max_depth=10, max_args=10,
+                       min_length=8, max_length=64)
   c.model = small_lm(arch, 16, "configs/listops.py")
   c.train.steps = 600
   c.train.batch_size = 32

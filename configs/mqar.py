@@ -21,17 +21,13 @@ Zoology's setting is one override away: --config.task.vocab_size=8192
 (0 pairs: Zoology's count for the length, 4, 8, 16 or 64 at 64, 128, 256 or 512).
 """
 
-from ssm.train.config import base, lock, small_lm
+from ssm.train.config import base, lock, small_lm, task_config
 
 
 def get_config(arch="mamba"):
   c = base()
-  c.task.name = "mqar"
-  c.task.vocab_size = 64
-  c.task.seq_len = 64
-  c.task.num_kv_pairs = 8
-  c.task.power_a = 0.01
-  c.task.random_non_queries = False  # as Zoology's Figure 2
+  c.task = task_config("mqar", vocab_size=64, seq_len=64, num_kv_pairs=8, power_a=0.01,
+                       random_non_queries=False)  # as Zoology's Figure 2
   c.model = small_lm(arch, 64, "configs/mqar.py")
   c.train.steps = 3000
   c.train.batch_size = 64

@@ -16,15 +16,12 @@ of 1e-4, batch 64) is one override away:
 calls L the noise alone: for L = 4096 use seq_len 4128.)
 """
 
-from ssm.train.config import base, lock, small_lm
+from ssm.train.config import base, lock, small_lm, task_config
 
 
 def get_config(arch="mamba"):
   c = base()
-  c.task.name = "selective_copy"
-  c.task.vocab_size = 16
-  c.task.seq_len = 64
-  c.task.num_tokens_to_copy = 4
+  c.task = task_config("selective_copy", vocab_size=16, seq_len=64, num_tokens_to_copy=4)
   c.model = small_lm(arch, 16, "configs/selective_copy.py")
   c.train.steps = 2000  # Mamba stops at 0.99 after about 1,250 (docs/results/tasks.md)
   c.train.batch_size = 32

@@ -170,6 +170,19 @@ def xla_scan_flops(length, channels, state):
   return compiled_flops(fn.lower(*args).compile()) / length
 
 
+def xla_recurrence_flops(channels, state):
+  """XLA's count (FLOPs + transcendentals) for one step of the sequential recurrence,
+  per (channel, state): no loop, so nothing is counted once for many steps."""
+  from ssm.scan import reference
+  s = jax.ShapeDtypeStruct
+  args = (s((1, channels, state), jnp.float32), s((1, channels), jnp.float32),
+          s((1, channels), jnp.float32), s((channels, state), jnp.float32),
+          s((1, state), jnp.float32), s((1, state), jnp.float32), s((1,), jnp.float32))
+  cost = jax.jit(reference.step).lower(*args).compile().cost_analysis()
+  cost = (cost[0] if isinstance(cost, list) else cost) or {}
+  return (cost.get("flops", 0.0) + cost.get("transcendentals", 0.0)) / (channels * state)
+
+
 # --- matching ---------------------------------------------------------------------
 
 FAMILIES = ("mamba", "transformer++", "hybrid", "attention")

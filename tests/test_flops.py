@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from ssm.flops import (SCAN_FLOPS, family_config, flops, lm_flops, lm_params, match,
-                       param_count, xla_forward_flops, xla_scan_flops)
+                       param_count, xla_forward_flops, xla_recurrence_flops, xla_scan_flops)
 from ssm.layers import MambaConfig
 from ssm.layers.attention import AttentionConfig
 from ssm.models import PRESETS, LMConfig, VimConfig, ViTConfig, get_preset
@@ -74,6 +74,15 @@ def test_scan_models_match_xla_once_the_scan_is_set_apart(family):
   rest = analytic["total"] - analytic["scan"]
   assert abs((xla - scan_xla) - rest) / rest < 0.05, (xla, scan_xla, rest)
   assert 2 < scan_xla / analytic["scan"] < 10  # parallel scan: more work than 9 per element
+
+
+@pytest.mark.parametrize("channels,state", [(64, 16), (256, 64)])
+def test_the_scan_term_is_xlas_count_of_the_recurrence(channels, state):
+  """SCAN_FLOPS (9 per token, channel and state: the official mamba_ssm count) against
+  XLA's count of one recurrence step, where no loop hides work: XLA counts 8 (exp as
+  one transcendental, delta * u once per channel, the reset mask's multiply)."""
+  xla = xla_recurrence_flops(channels, state)
+  assert abs(xla - SCAN_FLOPS) / SCAN_FLOPS <= 0.125, xla
 
 
 def test_causal_half_and_training():

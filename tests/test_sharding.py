@@ -1,24 +1,92 @@
-"""ssm.train.sharding: every preset's parameters have a rule; meshes from configs."""
+"""ssm.train.sharding and ssm.layers.partitioning: the exact PartitionSpec of every
+parameter kind on a 2x2x2 mesh; meshes from configs; and, on 8 fake devices, a
+sharded Mamba layer and train step that move no activations between devices.
+
+The 8-device checks run this file as a script in a subprocess (the number of fake
+CPU devices is fixed when JAX starts) and read back what it prints."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from ssm.flops import abstract_model
 from ssm.models import PRESETS
 from ssm.train.optim import path_str
-from ssm.train.sharding import LOGICAL_AXES, logical_axes, make_mesh
+from ssm.train.sharding import make_mesh, param_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+L = 40  # the sequence length of the 8-device checks: no parameter has a dimension of 40
+
+# Every parameter kind of the presets (layer indices as *) -> its spec on data=fsdp=tensor=2.
+EXPECTED = {
+    "embedding/embedding": P("tensor", "fsdp"),
+    "position_embedding/embedding": P(None, "fsdp"),
+    "norm_f/weight": P(None), "norm_f/bias": P(None),
+    "layers/*/norm/weight": P(None), "layers/*/norm/bias": P(None),
+    "layers/*/norm2/weight": P(None), "layers/*/norm2/bias": P(None),
+    # Mamba: the channels E over tensor everywhere, x and z alike
+    "layers/*/mixer/in_proj/kernel": P("fsdp", None, "tensor"),
+    "layers/*/mixer/conv_weight": P(None, "tensor"), "layers/*/mixer/conv_bias": P("tensor"),
+    "layers/*/mixer/x_proj/kernel": P("tensor", None),
+    "layers/*/mixer/dt_proj/kernel": P(None, "tensor"),
+    "layers/*/mixer/dt_proj/bias": P("tensor"),
+    "layers/*/mixer/A_log": P("tensor", None), "layers/*/mixer/D": P("tensor"),
+    "layers/*/mixer/out_proj/kernel": P("tensor", "fsdp"),
+    # Vision Mamba's backward direction
+    "layers/*/mixer/conv_weight_b": P(None, "tensor"), "layers/*/mixer/conv_bias_b": P("tensor"),
+    "layers/*/mixer/x_proj_b/kernel": P("tensor", None),
+    "layers/*/mixer/dt_proj_b/kernel": P(None, "tensor"),
+    "layers/*/mixer/dt_proj_b/bias": P("tensor"),
+    "layers/*/mixer/A_b_log": P("tensor", None), "layers/*/mixer/D_b": P("tensor"),
+    # attention: heads over tensor
+    "layers/*/mixer/q_proj/kernel": P("fsdp", "tensor"),
+    "layers/*/mixer/k_proj/kernel": P("fsdp", "tensor"),
+    "layers/*/mixer/v_proj/kernel": P("fsdp", "tensor"),
+    "layers/*/mixer/q_proj/bias": P("tensor"), "layers/*/mixer/k_proj/bias": P("tensor"),
+    "layers/*/mixer/v_proj/bias": P("tensor"),
+    "layers/*/mixer/o_proj/kernel": P("tensor", "fsdp"), "layers/*/mixer/o_proj/bias": P(None),
+    # MLPs: the hidden width over tensor
+    "layers/*/mlp/gate_proj/kernel": P("fsdp", "tensor"),
+    "layers/*/mlp/up_proj/kernel": P("fsdp", "tensor"),
+    "layers/*/mlp/down_proj/kernel": P("tensor", "fsdp"),
+    "layers/*/mlp/fc1/kernel": P("fsdp", "tensor"), "layers/*/mlp/fc1/bias": P("tensor"),
+    "layers/*/mlp/fc2/kernel": P("tensor", "fsdp"), "layers/*/mlp/fc2/bias": P(None),
+    # vision
+    "patch_embedding/proj/kernel": P(None, "fsdp"), "patch_embedding/proj/bias": P(None),
+    "position_embedding": P(None, "fsdp"), "cls_token": P(None, None, None),
+    "register_tokens": P(None, None, None), "norm/weight": P(None), "norm/bias": P(None),
+    "head/kernel": P("fsdp", None), "head/bias": P(None),
+}
+# where the mesh does not divide a dimension it stays whole: GPT-2's vocabulary is odd
+UNDIVIDED = {("gpt2-small", "embedding/embedding"): P(None, "fsdp")}
 
 
-@pytest.mark.parametrize("name", ["mamba-130m", "transformer++-130m", "gpt2-small",
-                                  "vit-s16-reg4", "vim-tiny"])
-def test_every_parameter_of_every_model_has_logical_axes(name):
-  params = nnx.to_pure_dict(nnx.state(abstract_model(PRESETS[name])))
-  sharded = 0
-  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-    axes = logical_axes(path_str(path), len(x.shape))
-    sharded += any(a in LOGICAL_AXES for a in axes)
-  assert sharded > 0
+def test_every_parameter_kind_has_its_exact_spec_on_a_2x2x2_mesh():
+  mesh = jax.sharding.AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"))
+  seen = set()
+  for name in ["mamba-130m", "transformer++-130m", "gpt2-small", "vit-s16-reg4", "vim-tiny"]:
+    params = nnx.to_pure_dict(nnx.state(abstract_model(PRESETS[name])))
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+      kind = re.sub(r"(^|/)\d+/", r"\1*/", path_str(path))
+      assert kind in EXPECTED, f"{name}: {kind} has no expected spec in this test"
+      want = UNDIVIDED.get((name, kind), EXPECTED[kind])
+      assert param_spec(path_str(path), x.shape, mesh) == want, (name, kind)
+      seen.add(kind)
+  assert seen == set(EXPECTED)
+
+
+def test_a_dimension_the_mesh_does_not_divide_stays_whole():
+  mesh = jax.sharding.AbstractMesh((1, 3, 2), ("data", "fsdp", "tensor"))
+  assert param_spec("layers/0/mixer/in_proj/kernel", (64, 2, 96), mesh) == P(None, None, "tensor")
+  assert param_spec("layers/0/mixer/in_proj/kernel", (96, 2, 63), mesh) == P("fsdp", None, None)
 
 
 def test_mesh_sizes():
@@ -30,3 +98,100 @@ def test_mesh_sizes():
     make_mesh({"data": -1, "pipe": 1})
   with pytest.raises(ValueError, match="at most one -1"):
     make_mesh({"data": -1, "fsdp": -1})
+
+
+# --- on 8 fake devices ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def eight_devices():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
+                       timeout=900, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return dict(json.loads(out.stdout.strip().splitlines()[-1]), stderr=out.stderr)
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked", "pallas"])
+def test_sharded_mamba_layer_moves_no_activations_and_equals_one_device(eight_devices, impl):
+  check = eight_devices["layer"][impl]
+  assert check["moved"] == [], check["moved"]  # (batch, length, ...) tensors between devices
+  assert check["error"] < 1e-5  # output and gradients, relative to one device's
+
+
+def test_sharded_mamba_train_step_moves_no_layer_activations(eight_devices):
+  """The whole train step (grad accumulation, embedding, tied head, loss) of a Mamba LM
+  on data=fsdp=tensor=2: inside the Mamba layers (their ops are named "mamba") no
+  (batch, length, ...) tensor changes device, and XLA never falls back to replicating
+  a tensor to reshard it (what the old x | z split of in_proj made it do)."""
+  assert [line for line in eight_devices["step"] if "mamba" in line] == []
+  # What moves at all: the loss's per-shard maxima over the vocabulary, (B, L, tensor=2).
+  assert all(re.search(rf"\[\d+,{L},2\]", line) for line in eight_devices["step"])
+  assert "Involuntary full rematerialization" not in eight_devices["stderr"]
+
+
+def test_every_microbatch_is_split_over_all_data_devices(eight_devices):
+  assert eight_devices["microbatches"] == []
+
+
+def moved(hlo, length):
+  """The collectives of compiled HLO text that move a tensor with a `length` dimension
+  (all-gather, all-to-all, collective-permute; all-reduces of partial sums are fine)."""
+  found = []
+  for line in hlo.splitlines():
+    m = re.search(r"= \w+\[([\d,]*)\]\S* (all-gather|all-to-all|collective-permute)(-start)?\(",
+                  line)
+    if m and length in [int(d) for d in m.group(1).split(",") if d]:
+      found.append(line.strip())
+  return found
+
+
+def _eight_device_checks():
+  import jax.numpy as jnp
+
+  from ssm.layers import Mamba, MambaConfig
+  from ssm.train import sharding
+  from ssm.train.config import load_config_file
+  from ssm.train.loop import Trainer, microbatches
+
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  batch_sharding = sharding.batch_sharding(mesh)
+  x = jax.random.normal(jax.random.key(1), (8, L, 32))
+  out = {"layer": {}}
+  for impl in ["reference", "chunked", "pallas"]:
+    graphdef, params = nnx.split(Mamba(32, MambaConfig(d_state=8, scan_impl=impl),
+                                       rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(params)
+
+    def loss(p, x, on_mesh):
+      if not on_mesh:
+        return (nnx.merge(graphdef, p)(x) ** 2).sum()
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return (nnx.merge(graphdef, p)(x) ** 2).sum()
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1))
+    ref = jax.jit(grad, static_argnums=2)(params, x, False)
+    shardings = sharding.param_shardings(params, mesh)
+    sharded = jax.jit(grad, static_argnums=2, in_shardings=(shardings, batch_sharding))
+    got = sharded(params, x, True)
+    errors = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max() / jnp.abs(b).max()), got, ref)
+    hlo = sharded.lower(params, x, True).compile().as_text()
+    out["layer"][impl] = dict(error=max(jax.tree.leaves(errors)), moved=moved(hlo, L))
+
+  c = load_config_file(str(ROOT / "configs" / "mqar.py") + ":mamba")
+  c.task.update(dict(seq_len=L, num_kv_pairs=4))
+  c.model.d_model = 48  # E = 96: no activation dimension equals the vocabulary (64)
+  c.train.update(dict(batch_size=16, grad_accum=2))
+  c.mesh.update(dict(data=2, fsdp=2, tensor=2))
+  trainer = Trainer(c, "/tmp/unused")
+  state, batch = trainer.init_state(), next(trainer.batches())
+  out["step"] = moved(trainer.compile_step(state, batch).as_text(), L)
+
+  split = jax.jit(lambda b: microbatches(b, 4), in_shardings=batch_sharding,
+                  out_shardings=jax.sharding.NamedSharding(mesh, P(None, sharding.BATCH)))
+  out["microbatches"] = moved(split.lower(jnp.zeros((16, L))).compile().as_text(), L)
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  _eight_device_checks()

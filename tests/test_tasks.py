@@ -1,7 +1,6 @@
 """The synthetic tasks: their defining properties, determinism, and bad lengths."""
 
 import dataclasses
-import time
 
 import numpy as np
 import pytest
@@ -67,11 +66,10 @@ def test_induction_heads_label_is_the_token_after_the_first_special(L):
     assert y[L - 1] == x[at[0] + 1]
 
 
-def test_induction_heads_at_2_to_the_20_in_well_under_a_second():
+def test_induction_heads_at_2_to_the_20():
+  # Its speed (vectorised: milliseconds a row) is scripts/bench_tasks.py's.
   task = dataclasses.replace(InductionHeads("induction_heads", 16, 256, 8), seq_len=2**20)
-  start = time.perf_counter()
   b = task.batch(0, slice(0, 1), "eval")
-  assert time.perf_counter() - start < 5  # vectorised: ~0.03 s; a Python loop takes minutes
   x = b["inputs"][0]
   assert x.shape == (2**20,) and (x == 15).sum() == 2 and b["loss_mask"].sum() == 1
   assert b["labels"][0, -1] == x[np.flatnonzero(x == 15)[0] + 1]

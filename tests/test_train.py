@@ -60,13 +60,23 @@ def single(tmp_path_factory):
   return workdir
 
 
+MESH_2X2X2 = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
+
+
 def test_eight_devices_with_data_fsdp_and_tensor_parallelism(single, tmp_path):
-  ok(run_train(tmp_path, "--config.mesh.data=2", "--config.mesh.fsdp=2",
-               "--config.mesh.tensor=2", devices=8))
+  ok(run_train(tmp_path, *MESH_2X2X2, devices=8))
   (ref, steps), (got, _) = losses(single), losses(tmp_path)
   assert steps == list(range(1, 21))
-  np.testing.assert_allclose(got, ref, rtol=2e-4)
+  np.testing.assert_allclose(got, ref, rtol=1e-5)
   assert ref[-1] < ref[0]
+
+
+def test_a_mamba_lm_on_eight_devices_equals_one_device(tmp_path):
+  """(Its compiled step moves no activations inside a Mamba layer: test_sharding.py.)"""
+  ok(run_train(tmp_path / "one", "--config.model.pattern=M"))
+  ok(run_train(tmp_path / "eight", "--config.model.pattern=M", *MESH_2X2X2, devices=8))
+  np.testing.assert_allclose(losses(tmp_path / "eight")[0], losses(tmp_path / "one")[0],
+                             rtol=1e-5)
 
 
 def free_port():
@@ -84,11 +94,14 @@ def test_two_processes_through_jax_distributed(single, tmp_path):
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
-  np.testing.assert_allclose(losses(tmp_path)[0], losses(single)[0], rtol=2e-4)
+  np.testing.assert_allclose(losses(tmp_path)[0], losses(single)[0], rtol=1e-5)
 
 
-def test_sigterm_then_resume_is_exact(single, tmp_path):
-  proc = run_train(tmp_path, "--config.checkpoint.every=1000", wait=False)
+def test_sigterm_from_outside_stops_the_command_with_a_checkpoint(tmp_path):
+  """A real SIGTERM to ssm-train, sent once 7 steps are logged of a run far longer
+  than the signal takes to land: the run stops at the next step, saves, exits 0.
+  (Exact resume after SIGTERM: test_sigterm_is_checked_every_log_every_steps_...)"""
+  proc = run_train(tmp_path, "--config.checkpoint.every=1000", steps=2000, wait=False)
   metrics = tmp_path / "metrics.jsonl"
   deadline = time.time() + 300
   while time.time() < deadline:
@@ -99,11 +112,8 @@ def test_sigterm_then_resume_is_exact(single, tmp_path):
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0 and "stopped by SIGTERM" in out, out[-3000:]
   stopped = len(metrics.read_text().splitlines())
-  assert 7 <= stopped < 20
-  ok(run_train(tmp_path, "--config.checkpoint.every=1000"))
-  (ref, _), (got, steps) = losses(single), losses(tmp_path)
-  assert steps == list(range(1, 21))
-  np.testing.assert_array_equal(got, ref)  # bitwise on CPU
+  assert 7 <= stopped < 2000
+  assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [str(stopped)]
 
 
 def test_corrupt_latest_checkpoint_is_skipped(single, tmp_path):
@@ -127,7 +137,7 @@ def test_checkpoint_from_eight_devices_restores_on_one(single, tmp_path):
   shutil.rmtree(tmp_path / "checkpoints" / "20")  # resume from the step-10 checkpoint
   out = ok(run_train(tmp_path, "--config.checkpoint.every=10", devices=1))
   assert "resumed from step 10" in out
-  np.testing.assert_allclose(losses(tmp_path)[0], losses(single)[0], rtol=2e-4)
+  np.testing.assert_allclose(losses(tmp_path)[0], losses(single)[0], rtol=1e-5)
 
 
 def read_wandb_records(path):
@@ -256,3 +266,119 @@ def test_bfloat16_compute_trains(tmp_path, monkeypatch):
   train(c, "run")  # a relative workdir
   got, _ = losses(tmp_path / "run")
   assert np.all(np.isfinite(got)) and got[-5:].mean() < got[:5].mean()
+
+
+def _column(workdir, key):
+  rows = [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  return np.array([r[key] for r in rows if key in r])
+
+
+def test_gradient_accumulation_is_the_global_masked_mean(tmp_path):
+  """Microbatches that score different numbers of tokens: the accumulated loss and
+  gradient are the whole batch's token mean (not the mean of microbatch means)."""
+  import jax
+  from ssm.train.loop import Trainer
+  out = {}
+  for accum in (1, 4):
+    trainer = Trainer(_in_process_config(grad_accum=accum), tmp_path / str(accum))
+    state = trainer.init_state()
+    batch = next(trainer.batches())
+    mask = np.asarray(batch["loss_mask"]).copy()
+    mask[0::4, 1:] = 0  # microbatch 0 (rows r % 4 == 0) scores one token per row
+    mask[1::4] = 0  # microbatch 1 scores nothing
+    batch["loss_mask"] = jax.device_put(mask, batch["loss_mask"].sharding)
+    _, metrics = trainer.compile_step(state, batch)(state, batch)
+    out[accum] = {k: float(metrics[k]) for k in ("loss", "accuracy", "grad_norm")}
+  for k in out[1]:
+    np.testing.assert_allclose(out[4][k], out[1][k], rtol=2e-6, err_msg=k)
+
+
+def test_mfu_counts_the_models_flops(tmp_path):
+  """MFU's numerator is ssm.flops' count (3x forward), whatever XLA's cost analysis
+  makes of loops: an attention LM counted by hand, and a hybrid whose Mamba scan and
+  gradient-accumulation loop XLA counts once."""
+  from ssm.flops import lm_flops
+  from ssm.models import config_from_dict
+  from ssm.train import train
+  peak, B, L, D, V = 1e12, 16, 32, 32, 64
+  c = _in_process_config(steps=3, peak_flops_per_device=peak)
+  c.model.update(dict(pattern="A", mlp="none"))
+  c.model.attention.n_heads = 1
+  train(c, tmp_path / "attention")
+  # per token and layer: q, k, v, o (8 D^2), scores and values (4 L D), the norm (4 D);
+  # then the final norm and the tied head
+  forward = 2 * (8 * D * D + 4 * L * D + 4 * D) + 4 * D + 2 * D * V
+  counted = _column(tmp_path / "attention", "mfu") * peak * _column(tmp_path / "attention",
+                                                                     "step_time")
+  np.testing.assert_allclose(counted, 3 * forward * B * L, rtol=1e-6)
+  for accum in (1, 2):
+    c = _in_process_config(steps=3, peak_flops_per_device=peak, grad_accum=accum)
+    train(c, tmp_path / f"hybrid{accum}")
+    counted = (_column(tmp_path / f"hybrid{accum}", "mfu")
+               * _column(tmp_path / f"hybrid{accum}", "step_time") * peak)
+    want = 3 * lm_flops(config_from_dict(c.model), L)["total"] * B * L
+    np.testing.assert_allclose(counted, want, rtol=1e-6)
+
+
+def test_sigterm_is_checked_every_log_every_steps_and_resume_is_exact(tmp_path, monkeypatch,
+                                                                      capsys):
+  """SIGTERM arrives during step 4 (sent by the process to itself, so the test cannot
+  race); with log_every 3 every process looks for it at step 6, stops there with a
+  checkpoint, and the rerun finishes as an uninterrupted run, bit for bit, past the
+  warmup and through the cosine."""
+  from ssm.train import loop, train
+  config = lambda: _in_process_config(steps=12, log_every=3, warmup_steps=2)
+  train(config(), tmp_path / "ref")
+  checks = []
+  advance = loop.MetricsWriter.advance
+  any_ = loop._SignalFlag.any
+
+  def advance_and_signal(self):
+    advance(self)
+    if self.bar.n == 4:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(loop.MetricsWriter, "advance", advance_and_signal)
+  monkeypatch.setattr(loop._SignalFlag, "any", lambda self: checks.append(1) or any_(self))
+  train(config(), tmp_path / "run")
+  assert "stopped by SIGTERM at step 6" in capsys.readouterr().out
+  assert len(checks) == 2  # at steps 3 and 6: once per log_every, not every step
+  assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()) == [6]
+  monkeypatch.undo()
+  train(config(), tmp_path / "run")
+  for key in ("loss", "lr"):
+    np.testing.assert_array_equal(_column(tmp_path / "run", key), _column(tmp_path / "ref", key))
+
+
+def test_a_longer_resumed_run_keeps_its_schedule_unless_asked(tmp_path, caplog):
+  from ssm.train import train
+  c = lambda **kw: _in_process_config(warmup_steps=2, **kw)
+  train(c(steps=6), tmp_path / "six")
+  train(c(steps=12), tmp_path / "twelve")
+  import shutil
+  shutil.copytree(tmp_path / "six", tmp_path / "kept")
+  shutil.copytree(tmp_path / "six", tmp_path / "recomputed")
+  with caplog.at_level("WARNING", logger="ssm.train"):
+    train(c(steps=12), tmp_path / "kept")
+  assert "started with a 6-step learning-rate schedule" in caplog.text
+  kept, six, twelve = (_column(tmp_path / d, "lr") for d in ("kept", "six", "twelve"))
+  np.testing.assert_array_equal(kept[:6], six)  # the steps taken keep their rates
+  final = c().train.lr * c().train.min_lr_ratio
+  np.testing.assert_allclose(kept[6:], np.full(6, final), rtol=1e-6)  # the final rate
+  train(c(steps=12, schedule_steps=12), tmp_path / "recomputed")
+  np.testing.assert_allclose(_column(tmp_path / "recomputed", "lr")[6:], twelve[6:], rtol=1e-6)
+
+
+def test_best_checkpoint_is_ranked_only_by_an_eval_of_its_own_step(tmp_path):
+  import orbax.checkpoint as ocp
+  from ssm.train import train
+  c = _in_process_config(steps=8, eval_every=2)
+  c.checkpoint.update(dict(every=3, keep=10, async_save=False))
+  train(c, tmp_path)
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  evals = {r["step"]: r["eval/loss"] for r in rows if "eval/loss" in r}
+  manager = ocp.CheckpointManager(tmp_path / "checkpoints")
+  assert manager.all_steps() == [3, 6, 8]
+  assert manager.metrics(3) is None  # step 3 had no eval: it does not compete for best
+  for step in (6, 8):
+    assert manager.metrics(step) == {"eval/loss": pytest.approx(evals[step])}

@@ -11,6 +11,7 @@ from flax import nnx
 from conftest import fit
 from ssm.layers import BiMamba, MambaConfig
 from ssm.models import VimConfig, VisionMamba, ViT, ViTConfig, get_preset
+from ssm.models.vit import resize_positions
 
 
 def vit(**kw):
@@ -88,6 +89,18 @@ def test_vim_token_layout():
   np.testing.assert_array_equal(f["cls"], f["tokens"][:, cls_at])
   np.testing.assert_array_equal(f["pooled"], f["cls"])
   assert f["registers"].shape == (2, 2, 32) and f["patches"].shape == (2, 16, 32)
+
+
+def test_vim_positions_at_another_resolution_interpolate_the_native_table():
+  m = vim(num_registers=0)  # native grid 4: the table is 8 patches, the class, 8 patches
+  pos = np.asarray(m.position_embedding[...])
+  native = np.concatenate([pos[:8], pos[9:]])
+  for grid, want in [(4, native), (8, resize_positions(native, 4, (8, 8)))]:
+    cls, patches = m.positions((grid, grid))
+    np.testing.assert_array_equal(cls, pos[8:9])
+    np.testing.assert_allclose(patches, want, rtol=1e-6)
+  f = m.features(images(size=32))
+  assert f["patches"].shape == (2, 64, 32) and bool(jnp.isfinite(f["tokens"]).all())
 
 
 def bright_quadrant_batches(n, size=16, seed=0):

@@ -136,8 +136,9 @@ def _mamba_names(param_path, hf, weights):
   if rest == ("norm", "weight"):
     return f"{prefix}.norm.weight", _SAME
   mixer = {
-      ("in_proj", "kernel"): ("in_proj.weight", _T),
-      ("in_proj", "bias"): ("in_proj.bias", _SAME),
+      # (2E, D), x then z -> (D, 2, E)
+      ("in_proj", "kernel"): ("in_proj.weight", lambda w: w.T.reshape(w.shape[1], 2, -1)),
+      ("in_proj", "bias"): ("in_proj.bias", lambda w: w.reshape(2, -1)),
       ("conv_weight",): ("conv1d.weight", lambda w: w[:, 0, :].T),  # (E, 1, K) -> (K, E)
       ("conv_bias",): ("conv1d.bias", _SAME),
       ("x_proj", "kernel"): ("x_proj.weight", _T),

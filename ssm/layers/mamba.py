@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ssm.layers import partitioning
 from ssm.scan import selective_scan, selective_state_update
 
 
@@ -72,6 +73,26 @@ def causal_conv1d(x_BLE, weight_KE, bias_E=None, reset_BL=None):
   return y.astype(x_BLE.dtype)
 
 
+class InProj(nnx.Module):
+  """in_proj: (..., D) -> x and z, each (..., E). The official (D, 2E) matrix, held as
+  (D, 2, E) so that sharding the channels E (tensor parallelism) splits x and z
+  alike: x, z and everything after them stay on the same shard."""
+
+  def __init__(self, d_model, d_inner, *, use_bias, dtype, param_dtype, rngs):
+    self.dtype = dtype
+    # PyTorch's nn.Linear init, fan-in d_model: U(+-1/sqrt(d_model))
+    init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=0,
+                                             out_axis=(1, 2))
+    self.kernel = nnx.Param(init(rngs.params(), (d_model, 2, d_inner), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((2, d_inner), param_dtype)) if use_bias else None
+
+  def __call__(self, x_D):
+    xz = jnp.einsum("...d,dke->...ke", x_D.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      xz = xz + self.bias[...].astype(self.dtype)
+    return xz[..., 0, :], xz[..., 1, :]
+
+
 class Mamba(nnx.Module):
   """The Mamba mixer, (B, L, D) -> (B, L, D)."""
 
@@ -84,7 +105,8 @@ class Mamba(nnx.Module):
     N, K = c.d_state, c.d_conv
     linear = lambda i, o, **kw: nnx.Linear(i, o, dtype=dtype, param_dtype=param_dtype,
                                            rngs=rngs, **kw)
-    self.in_proj = linear(d_model, 2 * E, use_bias=c.bias, kernel_init=torch_linear_init())
+    self.in_proj = InProj(d_model, E, use_bias=c.bias, dtype=dtype, param_dtype=param_dtype,
+                          rngs=rngs)
     self.conv_weight = nnx.Param(uniform(1 / math.sqrt(K))(rngs.params(), (K, E), param_dtype))
     self.conv_bias = (nnx.Param(uniform(1 / math.sqrt(K))(rngs.params(), (E,), param_dtype))
                       if c.conv_bias else None)
@@ -110,6 +132,12 @@ class Mamba(nnx.Module):
     dt = jnp.maximum(dt, c.dt_init_floor)
     return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
 
+  def _in_proj(self, x_BLD):
+    """x and z, kept where in_proj computes them: batch and channels sharded."""
+    x_BLE, z_BLE = self.in_proj(x_BLD)
+    BLE = ("batch", None, "inner")
+    return partitioning.constrain(x_BLE, BLE), partitioning.constrain(z_BLE, BLE)
+
   def _ssm(self, x_BLE, z_BLE, reset_BL, conv_weight, conv_bias, x_proj, dt_proj, A_log, D):
     """conv -> SiLU -> x_proj -> dt_proj -> selective scan with D skip and z gate.
     Returns y (B, L, E) and the final SSM state (B, E, N)."""
@@ -119,20 +147,32 @@ class Mamba(nnx.Module):
     dt_BLR, B_BLN, C_BLN = jnp.split(x_proj(xc_BLE), [R, R + N], axis=-1)
     # dt_proj's bias is added inside the scan, in float32, as delta_bias.
     dt_BLE = dt_BLR @ dt_proj.kernel[...].astype(self.dtype)
-    return selective_scan(
-        xc_BLE, dt_BLE, -jnp.exp(A_log[...].astype(jnp.float32)), B_BLN, C_BLN,
-        D[...].astype(jnp.float32), z_BLE, delta_bias=dt_proj.bias[...].astype(jnp.float32),
-        delta_softplus=True, return_final_state=True, impl=self.config.scan_impl, reset=reset_BL)
+    impl = self.config.scan_impl
+
+    def scan(u, dt, A, B, C, D, z, bias, reset):
+      return selective_scan(u, dt, A, B, C, D, z, delta_bias=bias, delta_softplus=True,
+                            return_final_state=True, impl=impl, reset=reset)
+
+    # The scan is independent per batch row and channel: on a mesh each device scans
+    # its block (shard_map), so no backend needs to know about sharding.
+    BLE, BLN, E = ("batch", None, "inner"), ("batch", None, None), ("inner",)
+    return partitioning.shard_map(
+        scan, (xc_BLE, dt_BLE, -jnp.exp(A_log[...].astype(jnp.float32)), B_BLN, C_BLN,
+               D[...].astype(jnp.float32), z_BLE, dt_proj.bias[...].astype(jnp.float32),
+               reset_BL),
+        in_axes=(BLE, BLE, ("inner", None), BLN, BLN, E, BLE, E, ("batch", None)),
+        out_axes=(BLE, ("batch", "inner", None)))
 
   def __call__(self, x_BLD, reset_BL=None, *, positions_BL=None, return_cache=False,
                max_length=None):
     """With `return_cache`, also the MambaCache after the last position.
     (`positions_BL` and `max_length` are the mixer interface's; Mamba needs neither.)"""
-    E, K = self.d_inner, self.config.d_conv
-    x_BLE, z_BLE = jnp.split(self.in_proj(x_BLD), [E], axis=-1)
-    y_BLE, h_BEN = self._ssm(x_BLE, z_BLE, reset_BL, self.conv_weight, self.conv_bias,
-                             self.x_proj, self.dt_proj, self.A_log, self.D)
-    out_BLD = self.out_proj(y_BLE)
+    K = self.config.d_conv
+    with jax.named_scope("mamba"):  # names the layer's ops in HLO and profiles
+      x_BLE, z_BLE = self._in_proj(x_BLD)
+      y_BLE, h_BEN = self._ssm(x_BLE, z_BLE, reset_BL, self.conv_weight, self.conv_bias,
+                               self.x_proj, self.dt_proj, self.A_log, self.D)
+      out_BLD = self.out_proj(y_BLE)
     if not return_cache:
       return out_BLD
     conv_BKE = jnp.pad(x_BLE, ((0, 0), (K - 1, 0), (0, 0)))[:, -(K - 1):]
@@ -148,8 +188,7 @@ class Mamba(nnx.Module):
 
   def step(self, x_BD, cache: MambaCache, position=None):
     """One token: (B, D) -> (B, D), and the updated cache."""
-    E = self.d_inner
-    x_BE, z_BE = jnp.split(self.in_proj(x_BD), [E], axis=-1)
+    x_BE, z_BE = self.in_proj(x_BD)
     window_BKE = jnp.concatenate([cache.conv, x_BE[:, None].astype(cache.conv.dtype)], axis=1)
     xc_BE = jnp.sum(window_BKE.astype(jnp.float32) * self.conv_weight[...].astype(jnp.float32),
                     axis=1)
@@ -185,8 +224,7 @@ class BiMamba(Mamba):
                max_length=None):
     if reset_BL is not None or return_cache:
       raise NotImplementedError("BiMamba sees the whole sequence: no packing, no decoding")
-    E = self.d_inner
-    x_BLE, z_BLE = jnp.split(self.in_proj(x_BLD), [E], axis=-1)
+    x_BLE, z_BLE = self._in_proj(x_BLD)
     y_fwd, _ = self._ssm(x_BLE, z_BLE, None, self.conv_weight, self.conv_bias, self.x_proj,
                          self.dt_proj, self.A_log, self.D)
     flip = lambda t: jnp.flip(t, axis=1)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ssm.layers import Mamba, MambaConfig
+from ssm.layers import Mamba, MambaConfig, partitioning
 from ssm.layers.attention import Attention, AttentionConfig
 from ssm.layers.mlp import MLP
 from ssm.layers.mamba import torch_linear_init
@@ -125,7 +125,9 @@ class Block(nnx.Module):
     if self.mlp is not None:
       residual = self._add(h, residual)
       h = self._scale(self.mlp(self.norm2(residual, self.dtype)), self.layer_scale2)
-    return h, residual, extras
+    # The residual stream between blocks: split over the batch, whole in d_model.
+    stream = lambda x: partitioning.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+    return stream(h), stream(residual), extras
 
   def step(self, h, residual, cache, position):
     residual = self._add(h, residual)
@@ -185,11 +187,14 @@ class LanguageModel(nnx.Module):
                                kernel_init=linear_inits(config, 1)[0], rngs=rngs))
 
   def _embed(self, ids, positions):
-    h = self.embedding(ids)
+    # The table gathered whole in d_model first (FSDP's parameter gather), so that the
+    # lookup's output is split over the batch and nothing else.
+    table = partitioning.constrain(self.embedding.embedding[...], ("vocab", None))
+    h = jnp.take(table.astype(self.dtype), ids, axis=0)
     if self.position_embedding is not None:
       # Beyond max_position_embeddings the lookup gives NaN (jnp.take's fill), never a clip.
       h = h + self.position_embedding(positions)
-    return h
+    return partitioning.constrain(h, ("batch",) + (None,) * (h.ndim - 1))
 
   def _logits(self, h, residual):
     h = self.norm_f(h + residual, self.dtype)

@@ -60,17 +60,21 @@ class VisionMamba(ImageModel):
         for _ in range(c.n_layer)])
     self.norm_f = make_norm("rms", c.d_model, c.norm_eps)
 
+  def positions(self, grid):
+    """(class position (1, D), patch positions (P, D)) at a `grid` of patches: the
+    table holds the native grid's patches with the class token in their middle, and
+    the patches' part is interpolated to `grid` (the class token keeps its own)."""
+    pos, mid = self.position_embedding[...], self.config.grid**2 // 2
+    patches = jnp.concatenate([pos[:mid], pos[mid + 1:]])
+    return pos[mid:mid + 1], resize_positions(patches, self.config.grid, grid)
+
   def features(self, images_BHWC):
     """A dict: tokens (B, T, D) after the final norm, in sequence order; order (T,),
     each position's index into [class, registers, patches]; cls (B, D), registers
     (B, R, D), patches (B, P, D) and pooled (B, D)."""
     patches_BPD, grid = self.patch_embedding(images_BHWC)
     B, P, D = patches_BPD.shape
-    pos = self.position_embedding[...]
-    mid = P // 2
-    pos_patches = resize_positions(jnp.concatenate([pos[:mid], pos[mid + 1:]]),
-                                   self.config.grid, grid)
-    pos_cls = pos[mid:mid + 1]
+    pos_cls, pos_patches = self.positions(grid)
     cls_B1D = jnp.broadcast_to(self.cls_token[...] + pos_cls, (B, 1, D))
     patches_BPD = patches_BPD + pos_patches
     R = self.config.num_registers

@@ -4,10 +4,12 @@ locked so that a misspelt override is an error that names the valid keys."""
 
 import dataclasses
 import importlib.util
+import typing
 from pathlib import Path
 
 import ml_collections as mlc
 
+from ssm.data import images, tasks, text
 from ssm.layers import MambaConfig
 from ssm.layers.attention import AttentionConfig
 from ssm.models import KINDS, LMConfig
@@ -16,7 +18,7 @@ from ssm.models import KINDS, LMConfig
 def base():
   c = mlc.ConfigDict()
   c.seed = 0
-  c.task = mlc.ConfigDict()  # set by the config file: name and the task's fields
+  c.task = mlc.ConfigDict()  # set by the config file: see task_config
   c.model = mlc.ConfigDict()  # set by the config file: see ssm.models.config_from_dict
   c.train = mlc.ConfigDict(dict(
       steps=1000, batch_size=64, grad_accum=1,
@@ -28,6 +30,9 @@ def base():
       # not improved for `patience` evals (a plateau; 0: off).
       stop_when="", patience=0,
       peak_flops_per_device=0.0,  # 0: from the device table in ssm.train.metrics
+      # The learning-rate schedule's length; 0: train.steps. A resumed run keeps the
+      # length it started with (a longer train.steps goes on at the final rate).
+      schedule_steps=0,
   ))
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.checkpoint = mlc.ConfigDict(dict(every=500, keep=2, best_metric="eval/loss",
@@ -50,6 +55,49 @@ def model_config(config):
   field, so that every model key can be overridden from the command line."""
   kind = next(k for k, cls in KINDS.items() if isinstance(config, cls))
   return mlc.ConfigDict(dict(kind=kind, **dataclasses.asdict(config)))
+
+
+# The dataclass of each task name, as make_pipeline dispatches them, and the fields the
+# loop fills in itself (make_task, Pipeline.from_config).
+TASK_CLASSES = dict(tasks.TASKS, bytes=text.ByteText, images=images.Images)
+LOOP_FIELDS = {"name", "batch_size", "seed"}
+
+
+def task_config(name, **fields):
+  """`config.task` as a ConfigDict holding `name` and every field of the task's
+  dataclass (at its default unless given), so that every task key can be overridden
+  from the command line."""
+  if name not in TASK_CLASSES:
+    raise ValueError(f"unknown task {name!r}; known tasks: {list(TASK_CLASSES)}")
+  cls = TASK_CLASSES[name]
+  own = [f for f in dataclasses.fields(cls) if f.name not in LOOP_FIELDS]
+  valid = sorted(f.name for f in own)
+  unknown = sorted(set(fields) - set(valid))
+  if unknown:
+    raise ValueError(f"task {name!r}: unknown fields {unknown}; valid fields: {valid}")
+  hints = typing.get_type_hints(cls)
+  c = mlc.ConfigDict(dict(name=name))
+  for f in own:
+    if f.name in fields:
+      value = fields[f.name]
+    elif f.default is not dataclasses.MISSING:
+      value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+      value = f.default_factory()
+    else:
+      raise ValueError(f"task {name!r}: {f.name} has no default; give it")
+    # ml_collections locks a field's type from its first value: a float field must not
+    # start as an int, and a None locks no type, so it is a placeholder of the field's.
+    if hints[f.name] is float and type(value) is int:
+      value = float(value)
+    c[f.name] = mlc.config_dict.placeholder(_not_none(hints[f.name])) if value is None else value
+  return c
+
+
+def _not_none(hint):
+  """bool for `bool | None`; object where the annotation allows several types."""
+  types = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+  return types[0] if len(types) == 1 and isinstance(types[0], type) else object
 
 
 def load_config_file(spec):

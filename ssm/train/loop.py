@@ -21,7 +21,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from ssm.data import make_pipeline
-from ssm.flops import compiled_flops, param_count
+from ssm.flops import compiled_flops, flops, param_count
 from ssm.models import LMConfig, build, config_from_dict
 from ssm.train import sharding
 from ssm.train.checkpoint import Checkpointer, abstract
@@ -36,25 +36,51 @@ class NonFiniteLoss(RuntimeError):
 
 
 def lm_loss(logits, batch):
-  """Masked next-token cross-entropy and accuracy, in float32."""
+  """Sums over the scored tokens of the next-token cross-entropy and of correct
+  predictions, and their count, in float32: a batch's mean is sum / count, so
+  microbatches and eval batches add up to exactly the mean over all their tokens."""
   mask = batch["loss_mask"]
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
   correct = jnp.argmax(logits, -1) == batch["labels"]
-  total = jnp.maximum(mask.sum(), 1.0)
-  return (ce * mask).sum() / total, dict(accuracy=(correct * mask).sum() / total)
+  return dict(loss=(ce * mask).sum(), accuracy=(correct * mask).sum(), count=mask.sum())
 
 
 def classification_loss(logits, batch):
-  """Cross-entropy and accuracy of one label per example, in float32."""
+  """As `lm_loss`, for one label per example."""
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-  return ce.mean(), dict(accuracy=(jnp.argmax(logits, -1) == batch["labels"]).mean())
+  correct = jnp.argmax(logits, -1) == batch["labels"]
+  return dict(loss=ce.sum(), accuracy=correct.sum(), count=jnp.float32(ce.shape[0]))
 
 
 def forward_loss(model, batch):
-  """The model on a batch of either kind (see ssm.data.pipeline) and its loss."""
+  """The model on a batch of either kind (see ssm.data.pipeline): its loss sums."""
   if "images" in batch:
     return classification_loss(model(batch["images"]).astype(jnp.float32), batch)
   return lm_loss(model(batch["inputs"], batch.get("reset")).astype(jnp.float32), batch)
+
+
+def scored(batch):
+  """How many predictions a batch scores (the count of `forward_loss`)."""
+  if "images" in batch:
+    return jnp.float32(batch["labels"].shape[0])
+  return batch["loss_mask"].sum()
+
+
+def means(sums, bits_per_byte=False):
+  """Loss sums -> the metrics: every sum divided by the count of scored predictions."""
+  count = jnp.maximum(sums["count"], 1.0)
+  out = {k: v / count for k, v in sums.items() if k != "count"}
+  if bits_per_byte:
+    out["bits_per_byte"] = out["loss"] / jnp.log(2.0)
+  return out
+
+
+def microbatches(batch, accum):
+  """(B, ...) -> (accum, B / accum, ...), row r in microbatch r % accum: each device's
+  block of rows gives a block to every microbatch, so every microbatch is split over
+  all data devices and the split moves no data (a reshape to (accum, -1) would give
+  each microbatch the rows of a few devices only)."""
+  return jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
 def setup_distributed(cfg):
@@ -85,7 +111,9 @@ class Trainer:
     abstract_model = nnx.eval_shape(lambda: build(self.model_config, rngs=nnx.Rngs(config.seed)))
     self.graphdef, abstract_params = nnx.split(abstract_model)
     abstract_params = nnx.to_pure_dict(abstract_params)
-    self.tx, self.lr = make_optimizer(t, abstract_params)
+    self.abstract_params = abstract_params
+    self.schedule_steps = t.schedule_steps or t.steps
+    self.tx, self.lr = make_optimizer(t, abstract_params, self.schedule_steps)
     self.param_shardings = sharding.param_shardings(abstract_params, self.mesh)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
@@ -113,26 +141,28 @@ class Trainer:
   def make_step(self, state_shardings):
     graphdef, tx, lr, accum = self.graphdef, self.tx, self.lr, self.config.train.grad_accum
     bits_per_byte = self.pipeline.bits_per_byte
-    batch_sharding = self.batch_sharding
+    batch_sharding, mesh = self.batch_sharding, self.mesh.abstract_mesh
 
-    def loss_fn(params, batch):
-      return forward_loss(nnx.merge(graphdef, params), batch)
+    def loss_fn(params, batch, count):
+      with jax.sharding.use_abstract_mesh(mesh):  # the mesh the layers' shard_maps use
+        sums = forward_loss(nnx.merge(graphdef, params), batch)
+      return sums["loss"] / count, sums
 
     def step_fn(state, batch):
-      params = state["params"]
-      micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
+      # The gradient of the batch's mean loss: each microbatch's loss sum is divided by
+      # the whole batch's count, so the microbatches' gradients add up to it exactly.
+      params, count = state["params"], jnp.maximum(scored(batch), 1.0)
 
       def accumulate(carry, mb):
         mb = jax.lax.with_sharding_constraint(mb, batch_sharding)  # each microbatch split
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
-        return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
+        (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb, count)
+        return jax.tree.map(jnp.add, carry, (sums, grads)), None
 
-      zeros = jax.tree.map(jnp.zeros_like, params)
-      init = (jnp.zeros(()), {"accuracy": jnp.zeros(())}, zeros)
-      (loss, metrics, grads), _ = jax.lax.scan(accumulate, init, micro)
-      loss, metrics, grads = jax.tree.map(lambda x: x / accum, (loss, metrics, grads))
-      if bits_per_byte:
-        metrics["bits_per_byte"] = loss / jnp.log(2.0)
+      zeros = (dict.fromkeys(("loss", "accuracy", "count"), jnp.zeros(())),
+               jax.tree.map(jnp.zeros_like, params))
+      (sums, grads), _ = jax.lax.scan(accumulate, zeros, microbatches(batch, accum))
+      metrics = means(sums, bits_per_byte)
+      loss = metrics["loss"]
       updates, opt_state = tx.update(grads, state["opt_state"], params)
       params = optax.apply_updates(params, updates)
       step = state["step"]
@@ -154,16 +184,39 @@ class Trainer:
     return step.lower(abstract(state), abstract(batch)).compile()
 
   def make_eval(self):
-    graphdef, bits_per_byte = self.graphdef, self.pipeline.bits_per_byte
+    graphdef, mesh = self.graphdef, self.mesh.abstract_mesh
 
     @jax.jit
-    def eval_fn(params, batch):
-      loss, metrics = forward_loss(nnx.merge(graphdef, params), batch)
-      if bits_per_byte:
-        metrics["bits_per_byte"] = loss / jnp.log(2.0)
-      return dict(metrics, loss=loss)
+    def eval_fn(params, batch):  # loss sums: `evaluate` adds them over batches
+      with jax.sharding.use_abstract_mesh(mesh):
+        return forward_loss(nnx.merge(graphdef, params), batch)
 
     return eval_fn
+
+  def _keep_schedule(self, started_with):
+    """On resume the learning-rate schedule keeps the length the run started with, so
+    the steps already taken keep their rates: a longer train.steps continues at the
+    schedule's final rate, unless train.schedule_steps asks for another length."""
+    t = self.config.train
+    if started_with is None or started_with == self.schedule_steps:
+      return
+    if t.schedule_steps:
+      log.warning("train.schedule_steps=%d: the schedule is recomputed; the %d steps already "
+                  "taken followed a %d-step schedule", t.schedule_steps, started_with,
+                  started_with)
+      return
+    log.warning("train.steps is %d but the run started with a %d-step learning-rate schedule, "
+                "which it keeps (past its end the rate stays at its final value); set "
+                "train.schedule_steps=%d to recompute it", t.steps, started_with, t.steps)
+    self.schedule_steps = started_with
+    self.tx, self.lr = make_optimizer(t, self.abstract_params, started_with)
+
+  def flops_per_step(self, batch):
+    """Training FLOPs of one step by ssm.flops: 3x the forward (the backward is 2x)."""
+    if "images" in batch:
+      return 3 * flops(self.model_config)["total"] * batch["images"].shape[0]
+    B, L = batch["inputs"].shape
+    return 3 * flops(self.model_config, L)["total"] * B * L
 
   # --- data ----------------------------------------------------------------
   def batches(self, split="train", pipeline=None):
@@ -198,11 +251,13 @@ class Trainer:
                            "ssm: start a new workdir")
       data.set_state(position["pipeline"])
       log.info("resumed from step %d", start)
+      self._keep_schedule(position.get("schedule_steps"))
     if start >= t.steps or (restored is not None and position.get("stopped")):
       log.info("the run is complete (step %d of %d%s)", start, t.steps,
                f"; stopped early: {position['stopped']}" if start < t.steps else "")
       checkpointer.close()
-      rows = (self.workdir / "metrics.jsonl").read_text().splitlines()
+      path = self.workdir / "metrics.jsonl"
+      rows = path.read_text().splitlines() if path.exists() else []  # train.steps=0
       return {k: v for k, v in json.loads(rows[-1]).items() if k != "step"} if rows else {}
     if t.eval_every:  # a bad eval split or file is an error now, not at the first eval
       next(self.batches("eval"))
@@ -210,12 +265,17 @@ class Trainer:
     step_fn, eval_fn = self.compile_step(state, batch), self.make_eval()
     inputs = batch.get("inputs", batch.get("images"))
     tokens_per_step = inputs.shape[0] * (inputs.shape[1] if "inputs" in batch else 1)
-    flops_per_step = compiled_flops(step_fn) * jax.device_count()  # per device -> all
+    # MFU counts the model's FLOPs (ssm.flops: forward + backward, 3x the forward);
+    # XLA's count is kept beside it as a check: it counts a loop body once (the
+    # accumulation and scan loops) and a Pallas kernel as nothing.
+    flops_per_step = self.flops_per_step(batch)
+    xla_flops_per_step = compiled_flops(step_fn) * jax.device_count()  # per device -> all
     peak = peak_flops(t.peak_flops_per_device) * jax.device_count()
-    run_config = dict(cfg.to_dict(), params=self.n_params, flops_per_step=flops_per_step)
+    run_config = dict(cfg.to_dict(), params=self.n_params, flops_per_step=flops_per_step,
+                      xla_flops_per_step=xla_flops_per_step, schedule_steps=self.schedule_steps)
     writer = MetricsWriter(self.workdir, cfg.wandb, run_config, start, t.steps)
     stop, early = _SignalFlag(), EarlyStop(t, cfg.checkpoint)
-    metrics, last_eval, tick, waited = {}, {}, time.perf_counter(), 0.0
+    metrics, last_eval, eval_step, tick, waited = {}, {}, None, time.perf_counter(), 0.0
     try:
       for step in range(start, t.steps):
         if step > start:
@@ -237,18 +297,23 @@ class Trainer:
           if peak and flops_per_step:
             row["mfu"] = flops_per_step * steps / elapsed / peak
           if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
-            last_eval = self.evaluate(eval_fn, state["params"])
+            last_eval, eval_step = self.evaluate(eval_fn, state["params"]), done
             row.update(last_eval)
             early.update(last_eval)
           writer.write(done, row)
           tick = time.perf_counter()  # step times leave out evaluation
-        stopping, finished = stop.any(), done == t.steps or early.reason
+        # Every process looks for SIGTERM at the same steps; one all-gather per log_every.
+        stopping = done % t.log_every == 0 and stop.any()
+        finished = done == t.steps or early.reason
         if done % cfg.checkpoint.every == 0 or finished or stopping:
           self._check_finite(state, done, checkpointer)
-          position = {"next_batch": done, "pipeline": data.get_state()}
+          position = {"next_batch": done, "pipeline": data.get_state(),
+                      "schedule_steps": self.schedule_steps}
           if early.reason:  # a rerun finds the run complete
             position["stopped"] = early.reason
-          checkpointer.save(done, state, position, last_eval, wait=stopping or finished)
+          # Only an eval of this very step ranks the checkpoint for checkpoint.best_metric.
+          fresh = last_eval if eval_step == done else None
+          checkpointer.save(done, state, position, fresh, wait=stopping or finished)
         if early.reason:
           log.info("stopped at step %d: %s", done, early.reason)
           break
@@ -268,12 +333,12 @@ class Trainer:
   def evaluate(self, eval_fn, params):
     """The first eval_steps batches of the eval split, at the training length and
     at the task's other evaluation settings (e.g. longer sequences)."""
-    out = {}
+    out, bits_per_byte = {}, self.pipeline.bits_per_byte
     for suffix, pipeline in [("", self.pipeline), *self.pipeline.eval_variants()]:
       data = self.batches("eval", pipeline)
-      rows = [eval_fn(params, next(data)) for _ in range(self.config.train.eval_steps)]
-      out.update({f"eval/{k}{suffix}": float(np.mean([float(r[k]) for r in rows]))
-                  for k in rows[0]})
+      sums = [eval_fn(params, next(data)) for _ in range(self.config.train.eval_steps)]
+      metrics = means(jax.tree.map(lambda *x: sum(x), *sums), bits_per_byte)
+      out.update({f"eval/{k}{suffix}": float(v) for k, v in metrics.items()})
     return out
 
   def _check_finite(self, state, step, checkpointer):
@@ -373,7 +438,8 @@ def check_model_fits_task(model_config, pipeline):
 
 
 class _SignalFlag:
-  """SIGTERM (preemption) sets a flag; every process agrees on it each step."""
+  """SIGTERM (preemption) sets a flag; `any()` is true once any process has one (an
+  all-gather across processes, so the loop calls it at the same steps everywhere)."""
 
   def __init__(self):
     self.flag = False

@@ -24,12 +24,14 @@ def decays(path, decay_embeddings=False):
   return decay_embeddings or not EMBEDDINGS.search(name)
 
 
-def schedule(cfg):
-  """cfg: the train config (lr, warmup_steps, steps, schedule, min_lr_ratio)."""
+def schedule(cfg, steps=None):
+  """cfg: the train config (lr, warmup_steps, steps, schedule, min_lr_ratio); `steps`:
+  the schedule's length (default cfg.steps); past it the rate stays at its last value."""
+  steps = steps or cfg.steps
   if cfg.schedule == "constant":
     main = optax.constant_schedule(cfg.lr)
   elif cfg.schedule == "cosine":
-    main = optax.cosine_decay_schedule(cfg.lr, max(cfg.steps - cfg.warmup_steps, 1),
+    main = optax.cosine_decay_schedule(cfg.lr, max(steps - cfg.warmup_steps, 1),
                                        alpha=cfg.min_lr_ratio)
   else:
     raise ValueError(f"train.schedule {cfg.schedule!r}: expected 'cosine' or 'constant'")
@@ -39,9 +41,9 @@ def schedule(cfg):
   return optax.join_schedules([warmup, main], [cfg.warmup_steps])
 
 
-def make_optimizer(cfg, params):
-  """Returns (optax transformation, learning-rate schedule)."""
-  lr = schedule(cfg)
+def make_optimizer(cfg, params, steps=None):
+  """Returns (optax transformation, learning-rate schedule of `steps` steps)."""
+  lr = schedule(cfg, steps)
   mask = jax.tree_util.tree_map_with_path(lambda p, _: decays(p, cfg.decay_embeddings), params)
   parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
   parts.append(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,

@@ -2,8 +2,8 @@
 (data parallel with parameters and optimizer state sharded over it) and tensor
 (Megatron-style: the inner, head and MLP dimensions split).
 
-Every parameter gets logical axes from its path (RULES); LOGICAL_AXES maps those
-to mesh axes. A dimension that the mesh axis does not divide stays whole.
+Every parameter gets logical axes from its path (RULES); ssm.layers.partitioning
+maps those to mesh axes. A dimension that the mesh axis does not divide stays whole.
 """
 
 import math
@@ -13,11 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-AXES = ("data", "fsdp", "tensor")
-BATCH = ("data", "fsdp")
-
-LOGICAL_AXES = {"embed": "fsdp", "vocab": "tensor", "inner": "tensor", "heads": "tensor",
-                "mlp": "tensor"}
+from ssm.layers.partitioning import BATCH, MESH_AXES as AXES, spec
 
 # (regex on the parameter path, logical axes of its dimensions); first match wins.
 RULES = [
@@ -25,9 +21,10 @@ RULES = [
     (r"(^|/)position_embedding/embedding$", (None, "embed")),
     (r"(^|/)position_embedding$", (None, "embed")),
     (r"(^|/)lm_head/kernel$", ("embed", "vocab")),
-    (r"(^|/)in_proj/kernel$", ("embed", "inner")),
+    (r"(^|/)in_proj/kernel$", ("embed", None, "inner")),  # Mamba's (D, x|z, E)
+    (r"(^|/)in_proj/bias$", (None, "inner")),
     (r"(^|/)out_proj/kernel$", ("inner", "embed")),
-    (r"(^|/)(in_proj|conv_bias|conv_bias_b|D|D_b)(/bias)?$", ("inner",)),
+    (r"(^|/)(conv_bias|conv_bias_b|D|D_b)$", ("inner",)),
     (r"(^|/)dt_proj(_b)?/bias$", ("inner",)),
     (r"(^|/)conv_weight(_b)?$", (None, "inner")),
     (r"(^|/)x_proj(_b)?/kernel$", ("inner", None)),
@@ -82,12 +79,7 @@ def logical_axes(path, ndim):
 
 
 def param_spec(path, shape, mesh):
-  specs = []
-  for axis, size in zip(logical_axes(path, len(shape)), shape):
-    mesh_axis = LOGICAL_AXES.get(axis)
-    ok = mesh_axis is not None and size % mesh.shape[mesh_axis] == 0
-    specs.append(mesh_axis if ok and mesh.shape[mesh_axis] > 1 else None)
-  return P(*specs)
+  return spec(logical_axes(path, len(shape)), shape, mesh)
 
 
 def param_shardings(params, mesh):

@@ -1,0 +1,108 @@
+"""ssm.train.config: every task field is a key of the locked config, overridable from
+the command line (as ssm-train parses it), and every config file's task makes its
+pipeline."""
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from ssm.compare import base_config
+from ssm.data import make_pipeline
+from ssm.train.config import LOOP_FIELDS, SMALL_LMS, TASK_CLASSES, load_config_file, task_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+def parse(spec, *overrides):
+  """The config as ssm-train's flags give it: the file's, locked, then the overrides."""
+  argv = ["ssm-train", f"--config={spec}", *overrides]
+  values = flags.FlagValues()
+  # sys_argv: the override flags are defined from the command line the file came with
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def archs(path):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return list(getattr(module, "ARCHS", SMALL_LMS))
+
+
+RUN_SPECS = [f"{p.name}:{a}" for p in sorted(CONFIGS.glob("*.py")) for a in archs(p)]
+COMPARE_SPECS = [f"{p.name}:{s}" for p in sorted((CONFIGS / "compare").glob("*.py"))
+                 for s in ("cpu", "paper")]
+
+
+def own_fields(name):
+  return [f for f in dataclasses.fields(TASK_CLASSES[name]) if f.name not in LOOP_FIELDS]
+
+
+@pytest.mark.parametrize("name", sorted(TASK_CLASSES))
+def test_every_task_field_is_a_key_overridable_from_the_command_line(name):
+  spec = str(CONFIGS / f"{name}.py")
+  task = load_config_file(spec).task
+  fields = own_fields(name)
+  assert sorted(task) == sorted(["name", *(f.name for f in fields)])
+  # Each field set to its default (required ones to the file's value), on the command
+  # line; a None default stays None (it parses only as its annotated type).
+  values = {f.name: task[f.name] if f.default is dataclasses.MISSING else f.default
+            for f in fields}
+  c = parse(spec, *(f"--config.task.{k}={v}" for k, v in values.items() if v is not None))
+  assert c.task.to_dict() == dict(values, name=name)
+  for k, v in values.items():  # and directly on the locked dict, as compare's overrides do
+    c.task[k] = v
+
+
+def test_tuple_and_none_default_task_fields_parse_from_the_command_line():
+  c = parse(f"{CONFIGS / 'mqar.py'}:mamba", "--config.task.eval_seq_lens=(64,128)")
+  assert c.task.eval_seq_lens == (64, 128)
+  assert make_pipeline(c.task, 4, 0).eval_variants()[0][0] == "@128"
+  c = parse(f"{CONFIGS / 'images.py'}:vit", "--config.task.flip=False")
+  assert c.task.flip is False and make_pipeline(c.task, 4, 0).flip is False
+  assert parse(f"{CONFIGS / 'images.py'}:vit").task.flip is None  # the dataset's default
+  with pytest.raises(flags.IllegalFlagValueError):
+    parse(f"{CONFIGS / 'images.py'}:vit", "--config.task.flip=maybe")
+
+
+@pytest.mark.parametrize("spec", RUN_SPECS)
+def test_every_config_file_makes_its_pipeline(spec):
+  c = load_config_file(str(CONFIGS / spec))
+  pipeline = make_pipeline(c.task, 8, c.seed)
+  assert pipeline.batch_size == 8
+  if "seq_len" in c.task:
+    assert pipeline.seq_len == c.task.seq_len
+
+
+@pytest.mark.parametrize("spec", COMPARE_SPECS)
+def test_every_comparison_makes_its_runs_pipeline(spec, monkeypatch):
+  monkeypatch.chdir(ROOT)  # a comparison names its base config relative to the checkout
+  c = base_config(load_config_file(str(CONFIGS / "compare" / spec)))
+  make_pipeline(c.task, 8, c.seed)
+
+
+def test_task_config_holds_the_defaults_and_names_what_is_wrong():
+  c = task_config("mqar", vocab_size=64, seq_len=64)
+  assert c.to_dict() == dict(name="mqar", vocab_size=64, seq_len=64, eval_seq_lens=(),
+                             num_kv_pairs=0, power_a=0.01, random_non_queries=False)
+  with pytest.raises(ValueError, match=r"unknown fields \['pairs'\]; valid fields: "
+                     r"\['eval_seq_lens', 'num_kv_pairs', 'power_a', 'random_non_queries'"):
+    task_config("mqar", vocab_size=64, seq_len=64, pairs=4)
+  with pytest.raises(ValueError, match="unknown fields.*seed"):  # the loop's, not the task's
+    task_config("mqar", vocab_size=64, seq_len=64, seed=1)
+  with pytest.raises(ValueError, match="seq_len has no default"):
+    task_config("bytes", path="x.txt")
+  with pytest.raises(ValueError, match="unknown task 'mqr'.*'bytes', 'images'"):
+    task_config("mqr")
+  # An int given for a float field stays overridable by floats.
+  c = task_config("mqar", vocab_size=64, seq_len=64, power_a=1)
+  c.lock()
+  c.power_a = 0.5
+  assert c.power_a == 0.5
