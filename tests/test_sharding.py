@@ -152,7 +152,8 @@ def _eight_device_checks():
   from ssm.layers import Mamba, MambaConfig
   from ssm.train import sharding
   from ssm.train.config import load_config_file
-  from ssm.train.loop import Trainer, microbatches
+  from ssm.train.loop import Trainer
+  from ssm.train.step import microbatches
 
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   batch_sharding = sharding.batch_sharding(mesh)

@@ -1,10 +1,10 @@
 """The shared training loop: every architecture and task trains through `train`.
 
 The model is split into a graph definition and a pure dict of parameters; the
-train step is a pure function of (state, batch) under `jax.jit`, with the state
-sharded over the mesh and donated. The state is a dict: step, params, opt_state,
-rng. Batches come from the task's input pipeline (ssm.data.pipeline), whose
-position is saved with every checkpoint.
+train step (ssm.train.step) is a pure function of (state, batch) under `jax.jit`,
+with the state sharded over the mesh and donated. Batches come from the task's input
+pipeline (ssm.data.pipeline), whose position is saved with every checkpoint. A run:
+`_restore`, then `_train` (compile, the step loop, evaluation, checkpoints).
 """
 
 import json
@@ -27,60 +27,13 @@ from ssm.train import sharding
 from ssm.train.checkpoint import Checkpointer, abstract
 from ssm.train.metrics import MetricsWriter, peak_flops
 from ssm.train.optim import make_optimizer
+from ssm.train.step import eval_step, means, train_step
 
 log = logging.getLogger("ssm.train")
 
 
 class NonFiniteLoss(RuntimeError):
   pass
-
-
-def lm_loss(logits, batch):
-  """Sums over the scored tokens of the next-token cross-entropy and of correct
-  predictions, and their count, in float32: a batch's mean is sum / count, so
-  microbatches and eval batches add up to exactly the mean over all their tokens."""
-  mask = batch["loss_mask"]
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-  correct = jnp.argmax(logits, -1) == batch["labels"]
-  return dict(loss=(ce * mask).sum(), accuracy=(correct * mask).sum(), count=mask.sum())
-
-
-def classification_loss(logits, batch):
-  """As `lm_loss`, for one label per example."""
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-  correct = jnp.argmax(logits, -1) == batch["labels"]
-  return dict(loss=ce.sum(), accuracy=correct.sum(), count=jnp.float32(ce.shape[0]))
-
-
-def forward_loss(model, batch):
-  """The model on a batch of either kind (see ssm.data.pipeline): its loss sums."""
-  if "images" in batch:
-    return classification_loss(model(batch["images"]).astype(jnp.float32), batch)
-  return lm_loss(model(batch["inputs"], batch.get("reset")).astype(jnp.float32), batch)
-
-
-def scored(batch):
-  """How many predictions a batch scores (the count of `forward_loss`)."""
-  if "images" in batch:
-    return jnp.float32(batch["labels"].shape[0])
-  return batch["loss_mask"].sum()
-
-
-def means(sums, bits_per_byte=False):
-  """Loss sums -> the metrics: every sum divided by the count of scored predictions."""
-  count = jnp.maximum(sums["count"], 1.0)
-  out = {k: v / count for k, v in sums.items() if k != "count"}
-  if bits_per_byte:
-    out["bits_per_byte"] = out["loss"] / jnp.log(2.0)
-  return out
-
-
-def microbatches(batch, accum):
-  """(B, ...) -> (accum, B / accum, ...), row r in microbatch r % accum: each device's
-  block of rows gives a block to every microbatch, so every microbatch is split over
-  all data devices and the split moves no data (a reshape to (accum, -1) would give
-  each microbatch the rows of a few devices only)."""
-  return jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
 def setup_distributed(cfg):
@@ -139,41 +92,8 @@ class Trainer:
 
   # --- the step ------------------------------------------------------------
   def make_step(self, state_shardings):
-    graphdef, tx, lr, accum = self.graphdef, self.tx, self.lr, self.config.train.grad_accum
-    bits_per_byte = self.pipeline.bits_per_byte
-    batch_sharding, mesh = self.batch_sharding, self.mesh.abstract_mesh
-
-    def loss_fn(params, batch, count):
-      with jax.sharding.use_abstract_mesh(mesh):  # the mesh the layers' shard_maps use
-        sums = forward_loss(nnx.merge(graphdef, params), batch)
-      return sums["loss"] / count, sums
-
-    def step_fn(state, batch):
-      # The gradient of the batch's mean loss: each microbatch's loss sum is divided by
-      # the whole batch's count, so the microbatches' gradients add up to it exactly.
-      params, count = state["params"], jnp.maximum(scored(batch), 1.0)
-
-      def accumulate(carry, mb):
-        mb = jax.lax.with_sharding_constraint(mb, batch_sharding)  # each microbatch split
-        (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb, count)
-        return jax.tree.map(jnp.add, carry, (sums, grads)), None
-
-      zeros = (dict.fromkeys(("loss", "accuracy", "count"), jnp.zeros(())),
-               jax.tree.map(jnp.zeros_like, params))
-      (sums, grads), _ = jax.lax.scan(accumulate, zeros, microbatches(batch, accum))
-      metrics = means(sums, bits_per_byte)
-      loss = metrics["loss"]
-      updates, opt_state = tx.update(grads, state["opt_state"], params)
-      params = optax.apply_updates(params, updates)
-      step = state["step"]
-      bad = ~jnp.isfinite(loss)
-      first_bad = jnp.where((state["first_bad_step"] < 0) & bad, step, state["first_bad_step"])
-      metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
-                     param_norm=optax.tree.norm(params), lr=lr(step))
-      new_state = dict(step=step + 1, params=params, opt_state=opt_state, rng=state["rng"],
-                       first_bad_step=first_bad)
-      return new_state, metrics
-
+    step_fn = train_step(self.graphdef, self.tx, self.lr, self.config.train.grad_accum,
+                         self.batch_sharding, self.pipeline.bits_per_byte)
     return jax.jit(step_fn, in_shardings=(state_shardings, self.batch_sharding),
                    out_shardings=(state_shardings, self.replicated), donate_argnums=0)
 
@@ -184,14 +104,7 @@ class Trainer:
     return step.lower(abstract(state), abstract(batch)).compile()
 
   def make_eval(self):
-    graphdef, mesh = self.graphdef, self.mesh.abstract_mesh
-
-    @jax.jit
-    def eval_fn(params, batch):  # loss sums: `evaluate` adds them over batches
-      with jax.sharding.use_abstract_mesh(mesh):
-        return forward_loss(nnx.merge(graphdef, params), batch)
-
-    return eval_fn
+    return jax.jit(eval_step(self.graphdef, self.mesh))
 
   def _keep_schedule(self, started_with):
     """On resume the learning-rate schedule keeps the length the run started with, so
@@ -235,45 +148,52 @@ class Trainer:
 
   # --- the run -------------------------------------------------------------
   def run(self):
-    cfg, t = self.config, self.config.train
+    """Trains from the newest checkpoint (or from the start) to train.steps, or until
+    an early stop or SIGTERM; returns the last metrics."""
+    cfg = self.config
     self.workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
       (self.workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
-    state = self.init_state()
     checkpointer = Checkpointer(self.workdir / "checkpoints", cfg.checkpoint)
-    restored = checkpointer.restore_latest(abstract(state))
-    start, data = 0, self.batches()
-    if restored is not None:
-      start, state, position = restored
-      if position.get("next_batch") != start or "pipeline" not in position:
-        raise RuntimeError(f"the checkpoint at step {start} in {self.workdir / 'checkpoints'} has no "
-                           f"input-pipeline position ({position}); it was written by an older "
-                           "ssm: start a new workdir")
-      data.set_state(position["pipeline"])
-      log.info("resumed from step %d", start)
-      self._keep_schedule(position.get("schedule_steps"))
-    if start >= t.steps or (restored is not None and position.get("stopped")):
-      log.info("the run is complete (step %d of %d%s)", start, t.steps,
-               f"; stopped early: {position['stopped']}" if start < t.steps else "")
+    try:
+      start, state, data, position = self._restore(checkpointer)
+      if start >= cfg.train.steps or position.get("stopped"):
+        log.info("the run is complete (step %d of %d%s)", start, cfg.train.steps,
+                 f"; stopped early: {position['stopped']}" if start < cfg.train.steps else "")
+        path = self.workdir / "metrics.jsonl"
+        rows = path.read_text().splitlines() if path.exists() else []  # train.steps=0
+        return {k: v for k, v in json.loads(rows[-1]).items() if k != "step"} if rows else {}
+      return self._train(start, state, data, checkpointer)
+    finally:
       checkpointer.close()
-      path = self.workdir / "metrics.jsonl"
-      rows = path.read_text().splitlines() if path.exists() else []  # train.steps=0
-      return {k: v for k, v in json.loads(rows[-1]).items() if k != "step"} if rows else {}
+
+  def _restore(self, checkpointer):
+    """(first step, state, batch iterator, saved position): from the newest readable
+    checkpoint, or a fresh state at step 0."""
+    state, data = self.init_state(), self.batches()
+    restored = checkpointer.restore_latest(abstract(state))
+    if restored is None:
+      return 0, state, data, {}
+    start, state, position = restored
+    if position.get("next_batch") != start or "pipeline" not in position:
+      raise RuntimeError(f"the checkpoint at step {start} in {self.workdir / 'checkpoints'} has "
+                         f"no input-pipeline position ({position}); it was written by an older "
+                         "ssm: start a new workdir")
+    data.set_state(position["pipeline"])
+    log.info("resumed from step %d", start)
+    self._keep_schedule(position.get("schedule_steps"))
+    return start, state, data, position
+
+  def _train(self, start, state, data, checkpointer):
+    """The step loop: log every log_every steps, evaluate every eval_every, save every
+    checkpoint.every and at the end."""
+    cfg, t = self.config, self.config.train
     if t.eval_every:  # a bad eval split or file is an error now, not at the first eval
       next(self.batches("eval"))
     batch = next(data)
     step_fn, eval_fn = self.compile_step(state, batch), self.make_eval()
-    inputs = batch.get("inputs", batch.get("images"))
-    tokens_per_step = inputs.shape[0] * (inputs.shape[1] if "inputs" in batch else 1)
-    # MFU counts the model's FLOPs (ssm.flops: forward + backward, 3x the forward);
-    # XLA's count is kept beside it as a check: it counts a loop body once (the
-    # accumulation and scan loops) and a Pallas kernel as nothing.
-    flops_per_step = self.flops_per_step(batch)
-    xla_flops_per_step = compiled_flops(step_fn) * jax.device_count()  # per device -> all
-    peak = peak_flops(t.peak_flops_per_device) * jax.device_count()
-    run_config = dict(cfg.to_dict(), params=self.n_params, flops_per_step=flops_per_step,
-                      xla_flops_per_step=xla_flops_per_step, schedule_steps=self.schedule_steps)
-    writer = MetricsWriter(self.workdir, cfg.wandb, run_config, start, t.steps)
+    writer = MetricsWriter(self.workdir, cfg.wandb, self._run_config(step_fn, batch), start,
+                           t.steps)
     stop, early = _SignalFlag(), EarlyStop(t, cfg.checkpoint)
     metrics, last_eval, eval_step, tick, waited = {}, {}, None, time.perf_counter(), 0.0
     try:
@@ -287,15 +207,10 @@ class Trainer:
         writer.advance()
         if done % t.log_every == 0 or done == t.steps:
           self._check_finite(state, done, checkpointer)
-          elapsed = time.perf_counter() - tick
-          steps = t.log_every if done % t.log_every == 0 else done % t.log_every
-          row = {k: float(v) for k, v in metrics.items()}
-          per_sec = "tokens_per_sec" if "inputs" in batch else "images_per_sec"
-          row.update(step_time=elapsed / steps, **{per_sec: tokens_per_step * steps / elapsed},
-                     data_wait=waited / elapsed)  # the fraction of time spent waiting on data
+          row = self._speed(batch, t.log_every if done % t.log_every == 0 else
+                            done % t.log_every, time.perf_counter() - tick, waited)
+          row.update({k: float(v) for k, v in metrics.items()})
           waited = 0.0
-          if peak and flops_per_step:
-            row["mfu"] = flops_per_step * steps / elapsed / peak
           if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
             last_eval, eval_step = self.evaluate(eval_fn, state["params"]), done
             row.update(last_eval)
@@ -326,9 +241,30 @@ class Trainer:
       writer.summary({**metrics, **last_eval})
     finally:
       stop.restore()
-      checkpointer.close()
       writer.close()
     return {k: float(v) for k, v in {**metrics, **last_eval}.items()}
+
+  def _run_config(self, step_fn, batch):
+    """The config logged with the run: the resolved config, parameters and FLOPs.
+    MFU counts the model's FLOPs (ssm.flops: forward + backward, 3x the forward);
+    XLA's count is kept beside it as a check: it counts a loop body once (the
+    accumulation and scan loops) and a Pallas kernel as nothing."""
+    self.step_flops = self.flops_per_step(batch)
+    xla = compiled_flops(step_fn) * jax.device_count()  # per device -> all
+    return dict(self.config.to_dict(), params=self.n_params, flops_per_step=self.step_flops,
+                xla_flops_per_step=xla, schedule_steps=self.schedule_steps)
+
+  def _speed(self, batch, steps, elapsed, waited):
+    """Step time, throughput, the fraction of time spent waiting on data, and MFU."""
+    lm = "inputs" in batch
+    inputs = batch["inputs"] if lm else batch["images"]
+    per_step = inputs.shape[0] * (inputs.shape[1] if lm else 1)
+    row = {"step_time": elapsed / steps, "data_wait": waited / elapsed,
+           "tokens_per_sec" if lm else "images_per_sec": per_step * steps / elapsed}
+    peak = peak_flops(self.config.train.peak_flops_per_device) * jax.device_count()
+    if peak:
+      row["mfu"] = self.step_flops * steps / elapsed / peak
+    return row
 
   def evaluate(self, eval_fn, params):
     """The first eval_steps batches of the eval split, at the training length and
