@@ -22,7 +22,7 @@ import sys
 import grain
 import numpy as np
 
-from ssm.data.pipeline import Pipeline
+from ssm.data.base import Pipeline
 
 # Native size, classes, per-channel mean/std (of the training set, in [0, 1]), and
 # whether a horizontal flip keeps the class (it does not for digits).

@@ -18,27 +18,11 @@ import sys
 
 import grain
 
-from ssm.data import tasks
+from ssm.data import images, tasks, text
+from ssm.data.base import Pipeline
 
-
-class Pipeline:
-  """What the loop reads: `kind` ("lm": token batches; "image": image batches),
-  `batches(split, rows)`, `eval_variants()`; `bits_per_byte` where the loss is one."""
-  kind = "lm"
-  bits_per_byte = False
-
-  @classmethod
-  def from_config(cls, fields, batch_size, seed):
-    fields = {k: v for k, v in fields.items() if k != "name"}
-    return fields_of(cls, dict(fields, batch_size=batch_size, seed=seed),
-                     f"task ({cls.__name__})")
-
-  def batches(self, split, rows):
-    raise NotImplementedError
-
-  def eval_variants(self):
-    """(suffix, pipeline) pairs evaluated besides the pipeline itself."""
-    return []
+# The pipelines a task name other than a synthetic task's (ssm.data.tasks.TASKS) makes.
+SOURCES = {"bytes": text.ByteText, "images": images.Images}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,25 +55,19 @@ class Synthetic(Pipeline):
             for n in self.task.eval_seq_lens if n != self.task.seq_len]
 
 
+def task_class(name):
+  """The dataclass whose fields `config.task` holds for the task `name`."""
+  if name in tasks.TASKS:
+    return tasks.TASKS[name]
+  if name in SOURCES:
+    return SOURCES[name]
+  raise ValueError(f"unknown task {name!r}; known tasks: {', '.join([*tasks.TASKS, *SOURCES])}")
+
+
 def make_pipeline(config, batch_size, seed):
   """The pipeline a `config.task` names: a synthetic task, "bytes" or "images"."""
-  from ssm.data import images, text  # noqa: PLC0415  (they import this module)
   fields = dict(config.to_dict() if hasattr(config, "to_dict") else config)
-  name = fields.get("name")
-  if name == "bytes":
-    return text.ByteText.from_config(fields, batch_size, seed)
-  if name == "images":
-    return images.Images.from_config(fields, batch_size, seed)
-  if name not in tasks.TASKS:
-    raise ValueError(f"unknown task {name!r}; known tasks: "
-                     f"{', '.join([*tasks.TASKS, 'bytes', 'images'])}")
+  cls = task_class(fields.get("name"))
+  if cls in SOURCES.values():
+    return cls.from_config(fields, batch_size, seed)
   return Synthetic(tasks.make_task(fields, batch_size, seed))
-
-
-def fields_of(cls, fields, where):
-  """The dataclass `cls` from a config dict; unknown keys name the valid ones."""
-  valid = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(fields) - valid)
-  if unknown:
-    raise ValueError(f"{where}: unknown keys {unknown}; valid keys: {sorted(valid)}")
-  return cls(**fields)

@@ -23,7 +23,7 @@ import grain
 import numpy as np
 from grain import experimental as gx
 
-from ssm.data.pipeline import Pipeline
+from ssm.data.base import Pipeline
 
 BOS = 256
 VOCAB_SIZE = 257

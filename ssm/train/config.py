@@ -9,7 +9,8 @@ from pathlib import Path
 
 import ml_collections as mlc
 
-from ssm.data import images, tasks, text
+from ssm.data import tasks
+from ssm.data.pipeline import SOURCES, task_class
 from ssm.layers import MambaConfig
 from ssm.layers.attention import AttentionConfig
 from ssm.models import KINDS, LMConfig
@@ -57,9 +58,8 @@ def model_config(config):
   return mlc.ConfigDict(dict(kind=kind, **dataclasses.asdict(config)))
 
 
-# The dataclass of each task name, as make_pipeline dispatches them, and the fields the
-# loop fills in itself (make_task, Pipeline.from_config).
-TASK_CLASSES = dict(tasks.TASKS, bytes=text.ByteText, images=images.Images)
+# Every task name, and the fields the loop fills in itself (make_task, Pipeline.from_config).
+TASK_NAMES = (*tasks.TASKS, *SOURCES)
 LOOP_FIELDS = {"name", "batch_size", "seed"}
 
 
@@ -67,9 +67,7 @@ def task_config(name, **fields):
   """`config.task` as a ConfigDict holding `name` and every field of the task's
   dataclass (at its default unless given), so that every task key can be overridden
   from the command line."""
-  if name not in TASK_CLASSES:
-    raise ValueError(f"unknown task {name!r}; known tasks: {list(TASK_CLASSES)}")
-  cls = TASK_CLASSES[name]
+  cls = task_class(name)
   own = [f for f in dataclasses.fields(cls) if f.name not in LOOP_FIELDS]
   valid = sorted(f.name for f in own)
   unknown = sorted(set(fields) - set(valid))

@@ -93,7 +93,7 @@ class Trainer:
   # --- the step ------------------------------------------------------------
   def make_step(self, state_shardings):
     step_fn = train_step(self.graphdef, self.tx, self.lr, self.config.train.grad_accum,
-                         self.batch_sharding, self.pipeline.bits_per_byte)
+                         self.batch_sharding, self.pipeline.kind, self.pipeline.bits_per_byte)
     return jax.jit(step_fn, in_shardings=(state_shardings, self.batch_sharding),
                    out_shardings=(state_shardings, self.replicated), donate_argnums=0)
 
@@ -104,7 +104,7 @@ class Trainer:
     return step.lower(abstract(state), abstract(batch)).compile()
 
   def make_eval(self):
-    return jax.jit(eval_step(self.graphdef, self.mesh))
+    return jax.jit(eval_step(self.graphdef, self.mesh, self.pipeline.kind))
 
   def _keep_schedule(self, started_with):
     """On resume the learning-rate schedule keeps the length the run started with, so
@@ -126,7 +126,7 @@ class Trainer:
 
   def flops_per_step(self, batch):
     """Training FLOPs of one step by ssm.flops: 3x the forward (the backward is 2x)."""
-    if "images" in batch:
+    if self.pipeline.kind == "image":
       return 3 * flops(self.model_config)["total"] * batch["images"].shape[0]
     B, L = batch["inputs"].shape
     return 3 * flops(self.model_config, L)["total"] * B * L
@@ -256,7 +256,7 @@ class Trainer:
 
   def _speed(self, batch, steps, elapsed, waited):
     """Step time, throughput, the fraction of time spent waiting on data, and MFU."""
-    lm = "inputs" in batch
+    lm = self.pipeline.kind == "lm"
     inputs = batch["inputs"] if lm else batch["images"]
     per_step = inputs.shape[0] * (inputs.shape[1] if lm else 1)
     row = {"step_time": elapsed / steps, "data_wait": waited / elapsed,

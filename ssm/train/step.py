@@ -28,16 +28,17 @@ def classification_loss(logits, batch):
   return dict(loss=ce.sum(), accuracy=correct.sum(), count=jnp.float32(ce.shape[0]))
 
 
-def forward_loss(model, batch):
-  """The model on a batch of either kind (see ssm.data.pipeline): its loss sums."""
-  if "images" in batch:
+def forward_loss(model, batch, kind):
+  """The model on a batch of the pipeline's `kind` ("lm" or "image", see
+  ssm.data.pipeline): its loss sums."""
+  if kind == "image":
     return classification_loss(model(batch["images"]).astype(jnp.float32), batch)
   return lm_loss(model(batch["inputs"], batch.get("reset")).astype(jnp.float32), batch)
 
 
-def scored(batch):
+def scored(batch, kind):
   """How many predictions a batch scores (the count of `forward_loss`)."""
-  if "images" in batch:
+  if kind == "image":
     return jnp.float32(batch["labels"].shape[0])
   return batch["loss_mask"].sum()
 
@@ -59,7 +60,7 @@ def microbatches(batch, accum):
   return jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def train_step(graphdef, tx, lr, accum, batch_sharding, bits_per_byte=False):
+def train_step(graphdef, tx, lr, accum, batch_sharding, kind="lm", bits_per_byte=False):
   """step(state, batch) -> (state, metrics): the gradient of the batch's mean loss over
   `accum` microbatches, an optimizer update, and where the loss first went non-finite.
   The state is a dict: step, params, opt_state, rng, first_bad_step."""
@@ -67,13 +68,13 @@ def train_step(graphdef, tx, lr, accum, batch_sharding, bits_per_byte=False):
 
   def loss_fn(params, batch, count):
     with jax.sharding.use_abstract_mesh(mesh):  # the mesh the layers' shard_maps use
-      sums = forward_loss(nnx.merge(graphdef, params), batch)
+      sums = forward_loss(nnx.merge(graphdef, params), batch, kind)
     return sums["loss"] / count, sums
 
   def step_fn(state, batch):
     # Each microbatch's loss sum is divided by the whole batch's count, so the
     # microbatches' gradients add up to the gradient of the batch's mean exactly.
-    params, count = state["params"], jnp.maximum(scored(batch), 1.0)
+    params, count = state["params"], jnp.maximum(scored(batch, kind), 1.0)
 
     def accumulate(carry, mb):
       mb = jax.lax.with_sharding_constraint(mb, batch_sharding)  # each microbatch split
@@ -97,9 +98,9 @@ def train_step(graphdef, tx, lr, accum, batch_sharding, bits_per_byte=False):
   return step_fn
 
 
-def eval_step(graphdef, mesh):
+def eval_step(graphdef, mesh, kind="lm"):
   """eval(params, batch) -> the loss sums (the loop adds them over batches)."""
   def eval_fn(params, batch):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      return forward_loss(nnx.merge(graphdef, params), batch)
+      return forward_loss(nnx.merge(graphdef, params), batch, kind)
   return eval_fn
