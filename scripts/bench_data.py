@@ -20,11 +20,10 @@ from pathlib import Path
 
 import jax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scan import write_section  # noqa: E402
+from ssm.report import write_section
 
-from ssm.train import Trainer  # noqa: E402
-from ssm.train.config import load_config_file  # noqa: E402
+from ssm.train import Trainer
+from ssm.train.config import load_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["mqar.py:mamba", "selective_copy.py:mamba", "induction_heads.py:mamba",

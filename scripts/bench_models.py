@@ -7,11 +7,12 @@ Transformer++ and hybrid language models at matched parameters.
 
 Models. Mamba is the released size (mamba-130m, mamba-370m). Transformer++ (SwiGLU,
 RoPE, RMSNorm; cuDNN flash attention on GPUs) and the hybrid ("MMA": one attention
-layer in three) are built by `ssm.flops.family_config` at Mamba's width, so heads
-stay 64 wide, with the depth whose parameter count comes closest; the table gives
-each count and its mismatch. Compute in bf16, parameters float32.
+layer in three) are at Mamba's width, so heads stay 64 wide, with the depth that
+`ssm.flops.match` (ssm-compare's matcher) finds; the table gives each count and its
+mismatch. Compute in
+bf16, parameters float32.
 
-Training: one jitted AdamW step on random tokens, `--tokens` per step (batch =
+Training: the library's train step (ssm.train.step) on random tokens, `--tokens` per step (batch =
 tokens / length, at least 1); after warm-up, `--steps` steps dispatched back to
 back and waited on once. MFU = model FLOPs/s over the device's dense bf16 peak,
 model FLOPs = 3 x the forward FLOPs of `ssm.flops.flops` (attention scores and
@@ -26,7 +27,6 @@ cost of a full context window; Mamba's cache has a fixed size.
 import argparse
 import dataclasses
 import datetime
-import functools
 import sys
 import time
 from pathlib import Path
@@ -34,37 +34,21 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scan import describe_device, write_section  # noqa: E402
-
-from ssm import flops  # noqa: E402
-from ssm.models import LMConfig, build, get_preset  # noqa: E402
+from ssm import flops
+from ssm.models import LMConfig, build, get_preset
+from ssm.report import describe_device, write_section
+from ssm.train.config import base
+from ssm.train.metrics import peak_flops
+from ssm.train.optim import make_optimizer
+from ssm.train.sharding import batch_sharding, make_mesh
+from ssm.train.step import new_state, train_step
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 SIZES = {"125m": get_preset("mamba-130m"), "350m": get_preset("mamba-370m")}
 SMALL_SIZES = {"tiny": LMConfig(d_model=64, n_layer=2, vocab_size=256)}
 FAMILIES = ("mamba", "transformer++", "hybrid")
-# Dense bf16 FLOP/s (data sheets, without sparsity) by device kind.
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12}
-
-
-def peak_flops(device):
-  return next((v for kind, v in PEAK_FLOPS.items() if kind in device.device_kind), None)
-
-
-def at_width(family, mamba_config, target):
-  """The `family` model at Mamba's width whose parameters come closest to `target`."""
-  best = None
-  for n_layer in range(2 if family == "hybrid" else 1, 4 * mamba_config.n_layer + 1):
-    c = flops.family_config(family, mamba_config.d_model, n_layer, mamba_config.vocab_size,
-                            like=mamba_config)
-    err = flops.lm_params(c) / target - 1
-    if best is None or abs(err) < abs(best[1]):
-      best = (c, err)
-  return best
 
 
 def models(sizes, dtype, scan_impl, attention_impl):
@@ -73,7 +57,7 @@ def models(sizes, dtype, scan_impl, attention_impl):
   for size, mamba in sizes.items():
     target = flops.lm_params(mamba)
     for family in FAMILIES:
-      c, err = (mamba, 0.0) if family == "mamba" else at_width(family, mamba, target)
+      c, err = (mamba, 0.0) if family == "mamba" else _matched(family, mamba, target)
       c = dataclasses.replace(
           c, dtype=dtype, mamba=dataclasses.replace(c.mamba, scan_impl=scan_impl),
           attention=dataclasses.replace(c.attention, implementation=attention_impl))
@@ -81,21 +65,12 @@ def models(sizes, dtype, scan_impl, attention_impl):
   return out
 
 
-def train_step_fn(model):
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  tx = optax.adamw(1e-4, weight_decay=0.1)
-
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def step(params, opt_state, ids_BL):
-    def loss_fn(params):
-      logits = nnx.merge(graphdef, params, rest)(ids_BL[:, :-1])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, ids_BL[:, 1:]).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return step, params, tx.init(params)
+def _matched(family, mamba, target):
+  """`family` at Mamba's width (attention heads 64 wide), its depth matched to Mamba's
+  parameter count by ssm-compare's matcher."""
+  c, _, mismatch = flops.match(family, target, vocab_size=mamba.vocab_size, like=mamba,
+                               width=mamba.d_model)
+  return c, mismatch
 
 
 def timed(run, steps):
@@ -111,17 +86,22 @@ def timed(run, steps):
 
 
 def measure_train(config, length, tokens, steps, seed=0):
+  """The library's train step (ssm.train.step: AdamW with the run defaults) on one
+  device."""
   batch = max(1, tokens // length)
-  model = build(config, rngs=nnx.Rngs(seed))
-  step, params, opt_state = train_step_fn(model)
-  del model
+  graphdef, params = nnx.split(build(config, rngs=nnx.Rngs(seed)))
+  params = nnx.to_pure_dict(params)
+  tx, lr = make_optimizer(base().train, params)
+  mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+  step = jax.jit(train_step(graphdef, tx, lr, 1, batch_sharding(mesh)), donate_argnums=0)
   rng = np.random.default_rng(seed)
   ids = jnp.asarray(rng.integers(0, config.vocab_size, (batch, length + 1)), jnp.int32)
-  carry = [params, opt_state]
+  data = dict(inputs=ids[:, :-1], labels=ids[:, 1:], loss_mask=jnp.ones((batch, length)))
+  carry = [new_state(params, tx.init(params), seed)]
 
   def run():
-    carry[0], carry[1], loss = step(carry[0], carry[1], ids)
-    return loss
+    carry[0], metrics = step(carry[0], data)
+    return metrics["loss"]
 
   seconds = timed(run, steps)
   return dict(batch=batch, step_ms=1e3 * seconds, tokens_s=batch * length / seconds)
@@ -243,7 +223,7 @@ def main(argv=None):
   decode_steps = args.decode_steps or (8 if small else 64)
   device = jax.devices()[0]
   attention = args.attention or ("cudnn" if device.platform == "gpu" else None)
-  peak = peak_flops(device)
+  peak = peak_flops()
 
   train_rows, decode_rows = [], []
   for size, family, config, params, mismatch in models(sizes, args.dtype, args.scan_impl,

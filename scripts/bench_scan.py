@@ -27,7 +27,6 @@ that fail (out of memory) are reported as such and the sweep goes on.
 
 import argparse
 import datetime
-import platform
 import statistics
 import sys
 import time
@@ -37,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssm.report import describe_device, write_section
 from ssm.scan import selective_scan
 
 IMPLS = ("reference", "associative", "chunked")  # the CPU table's; --paper adds "pallas"
@@ -219,18 +219,6 @@ def chunked_memory_check(rows):
           f"(target < 0.25).\n")
 
 
-def write_section(path, name, body):
-  """Replaces (or appends) the section between this benchmark's markers."""
-  begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-  text = path.read_text() if path.exists() else "# Benchmarks\n"
-  block = f"{begin}\n{body}{end}"
-  if begin in text:
-    text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
-  else:
-    text = text.rstrip("\n") + "\n\n" + block + "\n"
-  path.write_text(text)
-
-
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--quick", action="store_true", help="one small size")
@@ -272,12 +260,6 @@ def main(argv=None):
             f"forward+backward.\n\n" + out)
     write_section(DOC, "bench_scan", body)
     print(f"wrote {DOC}")
-
-
-def describe_device():
-  device = jax.devices()[0]
-  return (f"{device.platform} ({device.device_kind}, {platform.processor() or platform.machine()}, "
-          f"{jax.local_device_count()} device(s))")
 
 
 def run_paper(args, cmd):

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scan import write_section  # noqa: E402
+from ssm.report import write_section
 
-from ssm.data.tasks import make_task  # noqa: E402
-from ssm.train.config import load_config_file  # noqa: E402
+from ssm.data.tasks import make_task
+from ssm.train.config import load_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
 # (config, task overrides, batch size; None: the config's). The paper settings are the

@@ -21,10 +21,9 @@ from pathlib import Path
 
 import jax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scan import write_section  # noqa: E402
+from ssm.report import write_section
 
-from ssm.train import Trainer, train  # noqa: E402
+from ssm.train import Trainer, train
 
 ROOT = Path(__file__).resolve().parents[1]
 

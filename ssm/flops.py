@@ -238,26 +238,28 @@ def _widths(family):
 
 
 def match(family, target, *, criterion="params", seq_len=None, vocab_size, like=None,
-          depth=None, depth_hint=None):
+          depth=None, depth_hint=None, width=None):
   """The size of `family` whose parameters (or training FLOPs per token at
   `seq_len`) come closest to `target`. Searches widths (multiples of 8) and depths (or only `depth`; then a Transformer++'s
   MLP width may also range over 2-4x d_model, since at a fixed depth widths alone
   step too coarsely); among sizes within 2% of the target, the best trade-off of
   closeness and shape: near `depth_hint` layers, or else the family's usual width /
   depth. A hybrid has at
-  least one layer of each kind. Returns (config, value, relative mismatch)."""
+  least one layer of each kind; `width` fixes the width (e.g. a reference's, so that
+  attention heads stay 64 wide). Returns (config, value, relative mismatch)."""
   if criterion not in ("params", "flops"):
     raise ValueError(f"criterion {criterion!r}: expected 'params' or 'flops'")
   measure = ((lambda c: lm_params(c)) if criterion == "params"
              else (lambda c: 3 * lm_flops(c, seq_len)["total"]))
   best = None
   depths = [depth] if depth else range(1, 97)
+  widths = [width] if width else _widths(family)
   for n_layer in depths:
     if family == "hybrid" and n_layer < 2:
       continue  # a hybrid has a layer of each kind
-    if measure(family_config(family, _widths(family)[0], n_layer, vocab_size, like)) > 2 * target:
+    if measure(family_config(family, widths[0], n_layer, vocab_size, like)) > 2 * target:
       break  # deeper is only bigger
-    for d in _widths(family):
+    for d in widths:
       step = 8 if d < SMALL else 64
       mlp_widths = ([None] if not (depth and family == "transformer++")
                     else range(2 * d, 4 * d + 1, step))

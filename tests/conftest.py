@@ -11,17 +11,27 @@ def require(module):
   return pytest.importorskip(module)
 
 
-def fit(model, loss_fn, batches, lr=3e-3):
-  """A few AdamW steps (until the shared training loop exists); returns the losses."""
-  import optax
+def fit(model, batches, kind="lm", lr=3e-3):
+  """Steps of the library's train step (ssm.train.step) on `batches`, dicts as the
+  pipelines make them; AdamW at a constant `lr`. Returns the losses."""
+  import jax
   from flax import nnx
 
-  optimizer = nnx.Optimizer(model, optax.adamw(lr), wrt=nnx.Param)
+  from ssm.train.config import base
+  from ssm.train.optim import make_optimizer
+  from ssm.train.sharding import batch_sharding, make_mesh
+  from ssm.train.step import new_state, train_step
 
-  @nnx.jit
-  def step(model, optimizer, batch):
-    loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
-    optimizer.update(model, grads)
-    return loss
-
-  return [float(step(model, optimizer, batch)) for batch in batches]
+  graphdef, params = nnx.split(model)
+  params = nnx.to_pure_dict(params)
+  t = base().train
+  t.update(dict(lr=lr, schedule="constant", warmup_steps=0, weight_decay=1e-4, b2=0.999,
+                clip_norm=0.0))
+  tx, schedule = make_optimizer(t, params)
+  mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+  step = jax.jit(train_step(graphdef, tx, schedule, 1, batch_sharding(mesh), kind))
+  state, losses = new_state(params, tx.init(params), 0), []
+  for batch in batches:
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  return losses

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -27,7 +26,7 @@ from ssm.train import sharding
 from ssm.train.checkpoint import Checkpointer, abstract
 from ssm.train.metrics import MetricsWriter, peak_flops
 from ssm.train.optim import make_optimizer
-from ssm.train.step import eval_step, means, train_step
+from ssm.train.step import eval_step, means, new_state, train_step
 
 log = logging.getLogger("ssm.train")
 
@@ -85,10 +84,7 @@ class Trainer:
         self.tx, lambda _, s: s, jax.eval_shape(self.tx.init, params), self.param_shardings,
         transform_non_params=lambda _: self.replicated)
     opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(params)
-    put = lambda x: jax.device_put(x, self.replicated)
-    return dict(step=put(jnp.zeros((), jnp.int32)), params=params, opt_state=opt_state,
-                rng=put(jax.random.key_data(jax.random.key(seed))),
-                first_bad_step=put(jnp.full((), -1, jnp.int32)))
+    return new_state(params, opt_state, seed, lambda x: jax.device_put(x, self.replicated))
 
   # --- the step ------------------------------------------------------------
   def make_step(self, state_shardings):

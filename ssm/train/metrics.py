@@ -13,8 +13,9 @@ import tqdm
 log = logging.getLogger("ssm.train")
 
 # Peak dense bf16 FLOP/s per device, for MFU; `train.peak_flops_per_device` overrides.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
-              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
+# The first name found in the device kind wins (so "H100 PCIe" before "H100").
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+              "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
 
 
 def setup_logging():
