@@ -89,9 +89,9 @@ def measure_train(config, length, tokens, steps, seed=0):
   """The library's train step (ssm.train.step: AdamW with the run defaults) on one
   device."""
   batch = max(1, tokens // length)
-  graphdef, params = nnx.split(build(config, rngs=nnx.Rngs(seed)))
-  params = nnx.to_pure_dict(params)
-  tx, lr = make_optimizer(base().train, params)
+  graphdef, state = nnx.split(build(config, rngs=nnx.Rngs(seed)))
+  params = nnx.to_pure_dict(state)
+  tx, lr = make_optimizer(base().train, state)
   mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
   step = jax.jit(train_step(graphdef, tx, lr, 1, batch_sharding(mesh)), donate_argnums=0)
   rng = np.random.default_rng(seed)

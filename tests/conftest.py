@@ -22,12 +22,12 @@ def fit(model, batches, kind="lm", lr=3e-3):
   from ssm.train.sharding import batch_sharding, make_mesh
   from ssm.train.step import new_state, train_step
 
-  graphdef, params = nnx.split(model)
-  params = nnx.to_pure_dict(params)
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
   t = base().train
   t.update(dict(lr=lr, schedule="constant", warmup_steps=0, weight_decay=1e-4, b2=0.999,
                 clip_norm=0.0))
-  tx, schedule = make_optimizer(t, params)
+  tx, schedule = make_optimizer(t, state)
   mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
   step = jax.jit(train_step(graphdef, tx, schedule, 1, batch_sharding(mesh), kind))
   state, losses = new_state(params, tx.init(params), 0), []

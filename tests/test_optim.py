@@ -1,10 +1,37 @@
-"""ssm.train.optim: which parameters decay, the schedule."""
+"""ssm.train.optim: which parameters decay (the roles they were made with), the
+schedule."""
+
+import re
 
 import numpy as np
 import pytest
 
 from ssm.train.config import base
 from ssm.train.optim import decays, schedule
+
+
+def _decay_roles():
+  """path (layer indices as *) -> the weight-decay role its parameter was made with,
+  over models that hold every kind of parameter."""
+  import re
+
+  import jax
+  from flax import nnx
+
+  from ssm.flops import abstract_model
+  from ssm.layers.partitioning import roles
+  from ssm.models import PRESETS, ViTConfig
+  out = {}
+  for config in [PRESETS["mamba-130m"], PRESETS["gpt2-small"], PRESETS["vit-s16-reg4"],
+                 PRESETS["vim-tiny"], ViTConfig(n_layer=3, layer_scale=1.0)]:
+    decay = roles(nnx.state(abstract_model(config)))[1]
+    for path, role in jax.tree_util.tree_flatten_with_path(decay)[0]:
+      name = "/".join(str(getattr(k, "key", k)) for k in path)
+      out[re.sub(r"(^|/)\d+/", r"\1*/", name)] = role
+  return out
+
+
+ROLES = _decay_roles()
 
 
 @pytest.mark.parametrize("path,expected", [
@@ -31,12 +58,14 @@ from ssm.train.optim import decays, schedule
     ("register_tokens", False),
 ])
 def test_weight_decay_mask(path, expected):
-  assert decays(path) is expected
+  kind = re.sub(r"(^|/)\d+/", r"\1*/", path)
+  assert decays(ROLES[kind]) is expected
 
 
 def test_embeddings_decay_when_asked():
-  assert decays("embedding/embedding", decay_embeddings=True)
-  assert not decays("layers/0/mixer/A_log", decay_embeddings=True)
+  assert decays(ROLES["embedding/embedding"], decay_embeddings=True)
+  assert decays(ROLES["cls_token"], decay_embeddings=True)
+  assert not decays(ROLES["layers/*/mixer/A_log"], decay_embeddings=True)
 
 
 def test_warmup_then_cosine():

@@ -13,14 +13,15 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from ssm.flops import abstract_model
+from ssm.layers import partitioning
 from ssm.models import PRESETS
-from ssm.train.optim import path_str
-from ssm.train.sharding import make_mesh, param_spec
+from ssm.train.sharding import make_mesh, param_shardings
 
 ROOT = Path(__file__).resolve().parents[1]
 L = 40  # the sequence length of the 8-device checks: no parameter has a dimension of 40
@@ -69,24 +70,43 @@ EXPECTED = {
 UNDIVIDED = {("gpt2-small", "embedding/embedding"): P(None, "fsdp")}
 
 
+def path_str(path):
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
 def test_every_parameter_kind_has_its_exact_spec_on_a_2x2x2_mesh():
   mesh = jax.sharding.AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"))
   seen = set()
   for name in ["mamba-130m", "transformer++-130m", "gpt2-small", "vit-s16-reg4", "vim-tiny"]:
-    params = nnx.to_pure_dict(nnx.state(abstract_model(PRESETS[name])))
-    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+    shardings = param_shardings(nnx.state(abstract_model(PRESETS[name])), mesh)
+    for path, sharding in jax.tree_util.tree_flatten_with_path(shardings)[0]:
       kind = re.sub(r"(^|/)\d+/", r"\1*/", path_str(path))
       assert kind in EXPECTED, f"{name}: {kind} has no expected spec in this test"
       want = UNDIVIDED.get((name, kind), EXPECTED[kind])
-      assert param_spec(path_str(path), x.shape, mesh) == want, (name, kind)
+      assert sharding.spec == want, (name, kind)
       seen.add(kind)
   assert seen == set(EXPECTED)
 
 
 def test_a_dimension_the_mesh_does_not_divide_stays_whole():
   mesh = jax.sharding.AbstractMesh((1, 3, 2), ("data", "fsdp", "tensor"))
-  assert param_spec("layers/0/mixer/in_proj/kernel", (64, 2, 96), mesh) == P(None, None, "tensor")
-  assert param_spec("layers/0/mixer/in_proj/kernel", (96, 2, 63), mesh) == P("fsdp", None, None)
+  axes = ("embed", None, "inner")
+  assert partitioning.spec(axes, (64, 2, 96), mesh) == P(None, None, "tensor")
+  assert partitioning.spec(axes, (96, 2, 63), mesh) == P("fsdp", None, None)
+
+
+def test_a_parameter_made_without_a_role_is_an_error_naming_it():
+  class Probe(nnx.Module):
+    def __init__(self):
+      self.kernel = partitioning.param(jnp.zeros((4, 8)), ("embed", "mlp"))
+      self.gain = nnx.Param(jnp.ones((8,)))  # no role
+
+  with pytest.raises(ValueError, match="parameter 'gain' was made without a role"):
+    param_shardings(nnx.state(Probe()), jax.sharding.AbstractMesh((1, 1, 1), partitioning.MESH_AXES))
+  with pytest.raises(ValueError, match="shape \\(4, 8\\) but logical axes"):
+    partitioning.roles(nnx.state(nnx.Linear(4, 8, use_bias=False,
+                                            kernel_metadata=partitioning.role(("embed",)),
+                                            rngs=nnx.Rngs(0))))
 
 
 def test_mesh_sizes():
@@ -147,7 +167,6 @@ def moved(hlo, length):
 
 
 def _eight_device_checks():
-  import jax.numpy as jnp
 
   from ssm.layers import Mamba, MambaConfig
   from ssm.train import sharding
@@ -160,8 +179,8 @@ def _eight_device_checks():
   x = jax.random.normal(jax.random.key(1), (8, L, 32))
   out = {"layer": {}}
   for impl in ["reference", "chunked", "pallas"]:
-    graphdef, params = nnx.split(Mamba(32, MambaConfig(d_state=8, scan_impl=impl),
-                                       rngs=nnx.Rngs(0)))
+    layer = Mamba(32, MambaConfig(d_state=8, scan_impl=impl), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(layer)
     params = nnx.to_pure_dict(params)
 
     def loss(p, x, on_mesh):
@@ -172,7 +191,7 @@ def _eight_device_checks():
 
     grad = jax.value_and_grad(loss, argnums=(0, 1))
     ref = jax.jit(grad, static_argnums=2)(params, x, False)
-    shardings = sharding.param_shardings(params, mesh)
+    shardings = sharding.param_shardings(nnx.state(layer), mesh)
     sharded = jax.jit(grad, static_argnums=2, in_shardings=(shardings, batch_sharding))
     got = sharded(params, x, True)
     errors = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max() / jnp.abs(b).max()), got, ref)

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ssm.layers import partitioning
+
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
@@ -55,12 +57,13 @@ class Attention(nnx.Module):
     if c.head_dim is None and d_model % c.n_heads:
       raise ValueError(f"d_model {d_model} is not divisible by n_heads {c.n_heads}")
     H, G, K = self.n_heads, self.n_kv_heads, self.head_dim
-    linear = lambda i, o, init: nnx.Linear(i, o, use_bias=c.bias, kernel_init=init, dtype=dtype,
-                                           rngs=rngs)
-    self.q_proj = linear(d_model, H * K, kernel_init)
-    self.k_proj = linear(d_model, G * K, kernel_init)
-    self.v_proj = linear(d_model, G * K, kernel_init)
-    self.o_proj = linear(H * K, d_model, out_init)
+    linear = lambda i, o, init, axes, bias_axes=(None,): partitioning.linear(
+        i, o, axes, use_bias=c.bias, bias_axes=bias_axes, kernel_init=init, dtype=dtype,
+        rngs=rngs)
+    self.q_proj = linear(d_model, H * K, kernel_init, ("embed", "heads"), ("heads",))
+    self.k_proj = linear(d_model, G * K, kernel_init, ("embed", "heads"), ("heads",))
+    self.v_proj = linear(d_model, G * K, kernel_init, ("embed", "heads"), ("heads",))
+    self.o_proj = linear(H * K, d_model, out_init, ("heads", "embed"))
 
   def _qkv(self, x, positions):
     B, L = x.shape[:2]

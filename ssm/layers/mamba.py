@@ -83,8 +83,10 @@ class InProj(nnx.Module):
     # PyTorch's nn.Linear init, fan-in d_model: U(+-1/sqrt(d_model))
     init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=0,
                                              out_axis=(1, 2))
-    self.kernel = nnx.Param(init(rngs.params(), (d_model, 2, d_inner), param_dtype))
-    self.bias = nnx.Param(jnp.zeros((2, d_inner), param_dtype)) if use_bias else None
+    self.kernel = partitioning.param(init(rngs.params(), (d_model, 2, d_inner), param_dtype),
+                                     ("embed", None, "inner"))
+    self.bias = (partitioning.param(jnp.zeros((2, d_inner), param_dtype), (None, "inner"),
+                                    decay=False) if use_bias else None)
 
   def __call__(self, x_D):
     xz = jnp.einsum("...d,dke->...ke", x_D.astype(self.dtype), self.kernel[...].astype(self.dtype))
@@ -103,26 +105,33 @@ class Mamba(nnx.Module):
     self.d_inner = E = c.expand * d_model
     self.dt_rank = R = math.ceil(d_model / 16) if c.dt_rank == "auto" else c.dt_rank
     N, K = c.d_state, c.d_conv
-    linear = lambda i, o, **kw: nnx.Linear(i, o, dtype=dtype, param_dtype=param_dtype,
-                                           rngs=rngs, **kw)
+    linear = lambda i, o, axes, **kw: partitioning.linear(i, o, axes, dtype=dtype,
+                                                          param_dtype=param_dtype, rngs=rngs, **kw)
     self.in_proj = InProj(d_model, E, use_bias=c.bias, dtype=dtype, param_dtype=param_dtype,
                           rngs=rngs)
-    self.conv_weight = nnx.Param(uniform(1 / math.sqrt(K))(rngs.params(), (K, E), param_dtype))
-    self.conv_bias = (nnx.Param(uniform(1 / math.sqrt(K))(rngs.params(), (E,), param_dtype))
+    conv_init = uniform(1 / math.sqrt(K))
+    self.conv_weight = partitioning.param(conv_init(rngs.params(), (K, E), param_dtype),
+                                          (None, "inner"))
+    self.conv_bias = (partitioning.param(conv_init(rngs.params(), (E,), param_dtype), ("inner",),
+                                         decay=False)
                       if c.conv_bias else None)
-    self.x_proj = linear(E, R + 2 * N, use_bias=False, kernel_init=torch_linear_init())
+    self.x_proj = linear(E, R + 2 * N, ("inner", None), use_bias=False,
+                         kernel_init=torch_linear_init())
     dt_std = R**-0.5 * c.dt_scale
     dt_kernel_init = (nnx.initializers.constant(dt_std) if c.dt_init == "constant"
                       else uniform(dt_std))
-    self.dt_proj = linear(R, E, use_bias=True, kernel_init=dt_kernel_init,
+    self.dt_proj = linear(R, E, (None, "inner"), use_bias=True, bias_axes=("inner",),
+                          kernel_init=dt_kernel_init,
                           bias_init=self._dt_bias_init)
     # S4D-real: A = -(1, 2, ..., N) in every channel. A_log and D stay float32.
-    self.A_log = nnx.Param(jnp.log(jnp.tile(jnp.arange(1, N + 1, dtype=jnp.float32), (E, 1))))
-    self.D = nnx.Param(jnp.ones((E,), jnp.float32))
+    self.A_log = partitioning.param(
+        jnp.log(jnp.tile(jnp.arange(1, N + 1, dtype=jnp.float32), (E, 1))), ("inner", None),
+        decay=False)
+    self.D = partitioning.param(jnp.ones((E,), jnp.float32), ("inner",), decay=False)
     # GPT-2 style: the residual branch's last projection scaled by 1/sqrt(n_residuals),
     # the number of residual branches in the model (n_layer for a pure Mamba LM).
     out_init = nnx.initializers.variance_scaling(1 / (3 * n_residuals), "fan_in", "uniform")
-    self.out_proj = linear(E, d_model, use_bias=c.bias, kernel_init=out_init)
+    self.out_proj = linear(E, d_model, ("inner", "embed"), use_bias=c.bias, kernel_init=out_init)
 
   def _dt_bias_init(self, key, shape, dtype=jnp.float32):
     """softplus^-1 of dt ~ log-uniform in [dt_min, dt_max], clamped at the floor."""

@@ -3,6 +3,8 @@
 import jax
 from flax import nnx
 
+from ssm.layers import partitioning
+
 KINDS = ("swiglu", "gelu", "gelu_tanh")
 
 
@@ -15,15 +17,17 @@ class MLP(nnx.Module):
     if kind not in KINDS:
       raise ValueError(f"mlp {kind!r}: expected one of {KINDS}")
     self.kind = kind
-    linear = lambda i, o, init, bias: nnx.Linear(i, o, use_bias=bias, kernel_init=init,
-                                                 dtype=dtype, rngs=rngs)
+    linear = lambda i, o, init, axes, bias, bias_axes=(None,): partitioning.linear(
+        i, o, axes, use_bias=bias, bias_axes=bias_axes, kernel_init=init, dtype=dtype,
+        rngs=rngs)
+    up, down = ("embed", "mlp"), ("mlp", "embed")
     if kind == "swiglu":
-      self.gate_proj = linear(d_model, d_intermediate, kernel_init, False)
-      self.up_proj = linear(d_model, d_intermediate, kernel_init, False)
-      self.down_proj = linear(d_intermediate, d_model, out_init, False)
+      self.gate_proj = linear(d_model, d_intermediate, kernel_init, up, False)
+      self.up_proj = linear(d_model, d_intermediate, kernel_init, up, False)
+      self.down_proj = linear(d_intermediate, d_model, out_init, down, False)
     else:
-      self.fc1 = linear(d_model, d_intermediate, kernel_init, True)
-      self.fc2 = linear(d_intermediate, d_model, out_init, True)
+      self.fc1 = linear(d_model, d_intermediate, kernel_init, up, True, ("mlp",))
+      self.fc2 = linear(d_intermediate, d_model, out_init, down, True)
 
   def __call__(self, x):
     if self.kind == "swiglu":

@@ -4,13 +4,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ssm.layers import partitioning
+
 
 class RMSNorm(nnx.Module):
   """x / sqrt(mean(x^2) + eps) * weight, as mamba_ssm's and Llama's RMSNorm."""
 
   def __init__(self, dim, *, eps=1e-5, param_dtype=jnp.float32):
     self.eps = eps
-    self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+    self.weight = partitioning.param(jnp.ones((dim,), param_dtype), (None,), decay=False)
 
   def __call__(self, x, dtype=None):
     """Normalises the last axis; returns `dtype` (default: x's dtype)."""
@@ -24,8 +26,8 @@ class LayerNorm(nnx.Module):
 
   def __init__(self, dim, *, eps=1e-5, param_dtype=jnp.float32):
     self.eps = eps
-    self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
-    self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+    self.weight = partitioning.param(jnp.ones((dim,), param_dtype), (None,), decay=False)
+    self.bias = partitioning.param(jnp.zeros((dim,), param_dtype), (None,), decay=False)
 
   def __call__(self, x, dtype=None):
     x32 = x.astype(jnp.float32)

@@ -2,14 +2,22 @@
 
 The mesh has axes data (pure data parallel), fsdp (data parallel with parameters
 sharded over it) and tensor (Megatron-style: inner, head and MLP dimensions split).
-A layer names the logical axes of its tensors ("batch", "inner", ...); the mesh is
-the one in context (`jax.set_mesh`, as the training loop sets it). Without a mesh,
-or on one device, everything here is the identity.
+
+Every parameter is made with its role (`param`, `linear`): the logical axes of its
+dimensions, from which the loop derives its sharding, and whether weight decay
+applies, from which the optimizer derives its mask. A parameter made without one is
+an error (`roles`), so a new parameter cannot silently get the wrong sharding or decay.
+
+Activations: a layer names the logical axes of its tensors ("batch", "inner", ...);
+the mesh is the one in context (`jax.sharding.use_abstract_mesh`, as the train step
+sets it). Without a mesh, or on one device, `constrain` and `shard_map` are the
+identity.
 """
 
 import math
 
 import jax
+from flax import nnx, traverse_util
 from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -68,3 +76,47 @@ def constrain(x, logical):
     return x
   return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(
       mesh, spec(logical, x.shape, mesh)))
+
+
+# --- parameter roles ---------------------------------------------------------------
+
+DECAY = (True, False, "embedding")  # "embedding": decays only with train.decay_embeddings
+
+
+def role(axes, decay=True):
+  """A parameter's metadata: the logical axes of its dimensions (None: never split)
+  and its weight-decay role (DECAY)."""
+  if decay not in DECAY:
+    raise ValueError(f"decay {decay!r}: expected one of {DECAY}")
+  return dict(out_sharding=tuple(axes), eager_sharding=False, decay=decay)
+
+
+def param(value, axes, decay=True):
+  """An nnx.Param holding `value`, with its role."""
+  return nnx.Param(value, **role(axes, decay))
+
+
+def linear(d_in, d_out, axes, *, use_bias, bias_axes=(None,), **kwargs):
+  """nnx.Linear whose kernel has logical `axes` (in, out) and decays; its bias has
+  `bias_axes` (replicated unless given) and does not decay."""
+  return nnx.Linear(d_in, d_out, use_bias=use_bias, kernel_metadata=role(axes),
+                    bias_metadata=role(bias_axes, decay=False), **kwargs)
+
+
+def roles(state):
+  """(logical axes as PartitionSpecs of logical names, decay roles): two pure dicts
+  shaped as `nnx.to_pure_dict(state)`, from the metadata of every parameter of an
+  nnx State (abstract or not)."""
+  axes, decays = {}, {}
+  for path, variable in nnx.to_flat_state(state):
+    meta = variable.get_metadata()
+    name = "/".join(map(str, path))
+    if "decay" not in meta or "out_sharding" not in meta:
+      raise ValueError(f"parameter {name!r} was made without a role: make it with "
+                       "ssm.layers.partitioning.param or .linear (its logical axes and "
+                       "whether it decays)")
+    if len(meta["out_sharding"]) != len(variable.shape):
+      raise ValueError(f"parameter {name!r} has shape {variable.shape} but logical axes "
+                       f"{meta['out_sharding']}")
+    axes[path], decays[path] = P(*meta["out_sharding"]), meta["decay"]
+  return traverse_util.unflatten_dict(axes), traverse_util.unflatten_dict(decays)

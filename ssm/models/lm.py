@@ -99,7 +99,8 @@ class Block(nnx.Module):
     self.mixer = mixer
     self.norm2 = make_norm(norm, d_model, norm_eps) if mlp is not None else None
     self.mlp = mlp
-    scale = lambda: nnx.Param(jnp.full((d_model,), layer_scale, jnp.float32))
+    scale = lambda: partitioning.param(jnp.full((d_model,), layer_scale, jnp.float32), (None,),
+                                       decay=False)
     self.layer_scale1 = scale() if layer_scale is not None else None
     self.layer_scale2 = scale() if layer_scale is not None and mlp is not None else None
 
@@ -176,15 +177,18 @@ class LanguageModel(nnx.Module):
     self.dtype = DTYPES[config.dtype]
     emb_init = nnx.initializers.normal(config.initializer_range)
     V, D = config.padded_vocab_size, config.d_model
-    self.embedding = nnx.Embed(V, D, dtype=self.dtype, embedding_init=emb_init, rngs=rngs)
-    self.position_embedding = (
-        nnx.Embed(config.max_position_embeddings, D, dtype=self.dtype, embedding_init=emb_init,
-                  rngs=rngs) if config.positions == "learned" else None)
+    table = lambda n, axes: nnx.Embed(n, D, dtype=self.dtype, embedding_init=emb_init,
+                                      embedding_metadata=partitioning.role(axes, "embedding"),
+                                      rngs=rngs)
+    self.embedding = table(V, ("vocab", "embed"))
+    self.position_embedding = (table(config.max_position_embeddings, (None, "embed"))
+                               if config.positions == "learned" else None)
     self.layers = nnx.List([make_block(config, kind, rngs=rngs) for kind in config.layer_mixers])
     self.norm_f = make_norm(config.norm, D, config.norm_eps)
     self.lm_head = (None if config.tie_embeddings else
-                    nnx.Linear(D, V, use_bias=False, dtype=self.dtype,
-                               kernel_init=linear_inits(config, 1)[0], rngs=rngs))
+                    partitioning.linear(D, V, ("embed", "vocab"), use_bias=False,
+                                        dtype=self.dtype, kernel_init=linear_inits(config, 1)[0],
+                                        rngs=rngs))
 
   def _embed(self, ids, positions):
     # The table gathered whole in d_model first (FSDP's parameter gather), so that the

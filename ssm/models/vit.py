@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ssm.layers import partitioning
 from ssm.layers.attention import Attention, AttentionConfig
 from ssm.layers.mamba import torch_linear_init
 from ssm.layers.mlp import MLP
@@ -69,8 +70,8 @@ class PatchEmbedding(nnx.Module):
 
   def __init__(self, patch_size, channels, d_model, *, dtype, rngs):
     self.patch_size = p = patch_size
-    self.proj = nnx.Linear(p * p * channels, d_model, dtype=dtype,
-                           kernel_init=torch_linear_init(), rngs=rngs)
+    self.proj = partitioning.linear(p * p * channels, d_model, (None, "embed"), use_bias=True,
+                                    dtype=dtype, kernel_init=torch_linear_init(), rngs=rngs)
 
   def __call__(self, images_BHWC):
     B, H, W, C = images_BHWC.shape
@@ -101,12 +102,14 @@ class ImageModel(nnx.Module):
     normal = nnx.initializers.normal(c.initializer_range)
     self.patch_embedding = PatchEmbedding(c.patch_size, c.channels, c.d_model, dtype=dtype,
                                           rngs=rngs)
-    self.cls_token = nnx.Param(normal(rngs.params(), (1, 1, c.d_model)))
-    self.register_tokens = (nnx.Param(normal(rngs.params(), (1, c.num_registers, c.d_model)))
-                            if c.num_registers else None)
-    self.position_embedding = nnx.Param(normal(rngs.params(), (1 + c.grid**2, c.d_model)))
-    self.head = (nnx.Linear(c.d_model, c.num_classes, dtype=dtype,
-                            kernel_init=nnx.initializers.zeros, rngs=rngs)
+    token = lambda n: partitioning.param(normal(rngs.params(), (1, n, c.d_model)),
+                                         (None, None, None), decay="embedding")
+    self.cls_token = token(1)
+    self.register_tokens = token(c.num_registers) if c.num_registers else None
+    self.position_embedding = partitioning.param(
+        normal(rngs.params(), (1 + c.grid**2, c.d_model)), (None, "embed"), decay="embedding")
+    self.head = (partitioning.linear(c.d_model, c.num_classes, ("embed", None), use_bias=True,
+                                     dtype=dtype, kernel_init=nnx.initializers.zeros, rngs=rngs)
                  if c.num_classes else None)
 
   def _registers(self, batch, dtype):

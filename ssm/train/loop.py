@@ -61,12 +61,10 @@ class Trainer:
     self.model_config = config_from_dict(config.model)
     check_model_fits_task(self.model_config, self.pipeline)
     abstract_model = nnx.eval_shape(lambda: build(self.model_config, rngs=nnx.Rngs(config.seed)))
-    self.graphdef, abstract_params = nnx.split(abstract_model)
-    abstract_params = nnx.to_pure_dict(abstract_params)
-    self.abstract_params = abstract_params
+    self.graphdef, self.abstract_state = nnx.split(abstract_model)
     self.schedule_steps = t.schedule_steps or t.steps
-    self.tx, self.lr = make_optimizer(t, abstract_params, self.schedule_steps)
-    self.param_shardings = sharding.param_shardings(abstract_params, self.mesh)
+    self.tx, self.lr = make_optimizer(t, self.abstract_state, self.schedule_steps)
+    self.param_shardings = sharding.param_shardings(self.abstract_state, self.mesh)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     self.n_params = param_count(self.model_config)
@@ -118,7 +116,7 @@ class Trainer:
                 "which it keeps (past its end the rate stays at its final value); set "
                 "train.schedule_steps=%d to recompute it", t.steps, started_with, t.steps)
     self.schedule_steps = started_with
-    self.tx, self.lr = make_optimizer(t, self.abstract_params, started_with)
+    self.tx, self.lr = make_optimizer(t, self.abstract_state, started_with)
 
   def flops_per_step(self, batch):
     """Training FLOPs of one step by ssm.flops: 3x the forward (the backward is 2x)."""

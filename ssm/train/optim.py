@@ -1,27 +1,17 @@
 """AdamW with warmup + cosine (or constant) schedule, global-norm clipping and
-weight decay masked off what should not decay."""
-
-import re
+weight decay where each parameter's role says (ssm.layers.partitioning: made with
+it): not on norms, biases, A_log, D, LayerScale, nor (unless
+train.decay_embeddings) on embeddings and class/register tokens."""
 
 import jax
 import optax
 
-# Parameters that never decay: norms, biases, the SSM's A_log, D (and their Vim
-# twins), LayerScale, and (unless asked) embeddings, class/register tokens.
-NO_DECAY = re.compile(r"(^|/)(norm\w*|layer_scale\d)/|(^|/)(bias|A_log|A_b_log|D|D_b|"
-                      r"conv_bias|conv_bias_b|layer_scale\d)$")
-EMBEDDINGS = re.compile(r"(^|/)(embedding|position_embedding|cls_token|register_tokens)(/|$)")
+from ssm.layers.partitioning import roles
 
 
-def path_str(path):
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
-def decays(path, decay_embeddings=False):
-  name = path if isinstance(path, str) else path_str(path)
-  if NO_DECAY.search(name):
-    return False
-  return decay_embeddings or not EMBEDDINGS.search(name)
+def decays(role, decay_embeddings=False):
+  """Whether a parameter of weight-decay `role` (True, False, "embedding") decays."""
+  return role is True or (role == "embedding" and decay_embeddings)
 
 
 def schedule(cfg, steps=None):
@@ -41,10 +31,11 @@ def schedule(cfg, steps=None):
   return optax.join_schedules([warmup, main], [cfg.warmup_steps])
 
 
-def make_optimizer(cfg, params, steps=None):
-  """Returns (optax transformation, learning-rate schedule of `steps` steps)."""
+def make_optimizer(cfg, model_state, steps=None):
+  """(optax transformation, learning-rate schedule of `steps` steps) for the
+  parameters of `model_state` (an nnx State, abstract or not)."""
   lr = schedule(cfg, steps)
-  mask = jax.tree_util.tree_map_with_path(lambda p, _: decays(p, cfg.decay_embeddings), params)
+  mask = jax.tree.map(lambda r: decays(r, cfg.decay_embeddings), roles(model_state)[1])
   parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
   parts.append(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                            weight_decay=cfg.weight_decay, mask=mask))

@@ -2,46 +2,18 @@
 (data parallel with parameters and optimizer state sharded over it) and tensor
 (Megatron-style: the inner, head and MLP dimensions split).
 
-Every parameter gets logical axes from its path (RULES); ssm.layers.partitioning
-maps those to mesh axes. A dimension that the mesh axis does not divide stays whole.
+Every parameter has logical axes, given where it is made (ssm.layers.partitioning);
+they map to mesh axes there. A dimension that the mesh axis does not divide stays whole.
 """
 
 import math
-import re
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ssm.layers.partitioning import BATCH, MESH_AXES as AXES, spec
-
-# (regex on the parameter path, logical axes of its dimensions); first match wins.
-RULES = [
-    (r"(^|/)embedding/embedding$", ("vocab", "embed")),
-    (r"(^|/)position_embedding/embedding$", (None, "embed")),
-    (r"(^|/)position_embedding$", (None, "embed")),
-    (r"(^|/)lm_head/kernel$", ("embed", "vocab")),
-    (r"(^|/)in_proj/kernel$", ("embed", None, "inner")),  # Mamba's (D, x|z, E)
-    (r"(^|/)in_proj/bias$", (None, "inner")),
-    (r"(^|/)out_proj/kernel$", ("inner", "embed")),
-    (r"(^|/)(conv_bias|conv_bias_b|D|D_b)$", ("inner",)),
-    (r"(^|/)dt_proj(_b)?/bias$", ("inner",)),
-    (r"(^|/)conv_weight(_b)?$", (None, "inner")),
-    (r"(^|/)x_proj(_b)?/kernel$", ("inner", None)),
-    (r"(^|/)dt_proj(_b)?/kernel$", (None, "inner")),
-    (r"(^|/)(A_log|A_b_log)$", ("inner", None)),
-    (r"(^|/)[qkv]_proj/kernel$", ("embed", "heads")),
-    (r"(^|/)[qkv]_proj/bias$", ("heads",)),
-    (r"(^|/)o_proj/kernel$", ("heads", "embed")),
-    (r"(^|/)(gate_proj|up_proj|fc1)/kernel$", ("embed", "mlp")),
-    (r"(^|/)fc1/bias$", ("mlp",)),
-    (r"(^|/)(down_proj|fc2)/kernel$", ("mlp", "embed")),
-    (r"(^|/)patch_embedding/proj/kernel$", (None, "embed")),
-    (r"(^|/)head/kernel$", ("embed", None)),
-    # replicated: norms, output biases, LayerScale, class and register tokens
-    (r"(^|/)(norm\w*/(weight|bias)|(out_proj|o_proj|fc2|down_proj|head|patch_embedding/proj)"
-     r"/bias|layer_scale\d|cls_token|register_tokens)$", None),
-]
+from ssm.layers.partitioning import BATCH, MESH_AXES as AXES, roles, spec
 
 
 def make_mesh(mesh_cfg, devices=None):
@@ -66,26 +38,12 @@ def make_mesh(mesh_cfg, devices=None):
   return jax.sharding.Mesh(np.asarray(devices).reshape([sizes[a] for a in AXES]), AXES)
 
 
-def logical_axes(path, ndim):
-  for pattern, axes in RULES:
-    if re.search(pattern, path):
-      axes = axes or (None,) * ndim
-      if len(axes) != ndim:
-        raise ValueError(f"sharding rule {pattern!r} gives {len(axes)} axes for {path}, "
-                         f"which has {ndim}")
-      return axes
-  raise ValueError(f"no sharding rule for parameter {path!r}: add one to "
-                   "ssm.train.sharding.RULES")
-
-
-def param_spec(path, shape, mesh):
-  return spec(logical_axes(path, len(shape)), shape, mesh)
-
-
-def param_shardings(params, mesh):
-  from ssm.train.optim import path_str
-  return jax.tree_util.tree_map_with_path(
-      lambda p, x: NamedSharding(mesh, param_spec(path_str(p), x.shape, mesh)), params)
+def param_shardings(model_state, mesh):
+  """The NamedSharding of every parameter of `model_state` (an nnx State, abstract or
+  not), as a pure dict: its logical axes (its role) over the mesh."""
+  axes, _ = roles(model_state)
+  shapes = nnx.to_pure_dict(model_state)
+  return jax.tree.map(lambda a, x: NamedSharding(mesh, spec(a, x.shape, mesh)), axes, shapes)
 
 
 def batch_sharding(mesh):
