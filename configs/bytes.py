@@ -20,7 +20,7 @@ from ssm.data.text import SHAKESPEARE, VOCAB_SIZE
 from ssm.layers import MambaConfig
 from ssm.layers.attention import AttentionConfig
 from ssm.models import LMConfig
-from ssm.train.config import base, lock, model_config, task_config
+from ssm.config import base, lock, model_config, task_config
 
 ARCHS = {
     "mamba": dict(pattern="M", n_layer=4),

@@ -25,7 +25,7 @@ from ssm.layers import MambaConfig
 from ssm.models import LMConfig
 from ssm.models.vim import VimConfig
 from ssm.models.vit import ViTConfig
-from ssm.train.config import base, lock, model_config, task_config
+from ssm.config import base, lock, model_config, task_config
 
 IMAGE = dict(image_size=28, patch_size=4, channels=1, num_classes=10)
 ARCHS = {

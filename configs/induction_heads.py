@@ -26,7 +26,7 @@ attention; Mamba reported after 25 epochs of 8192 steps, attention with RoPE aft
 (the longest lengths want an accelerator, and attention at 2^20 a lot of memory).
 """
 
-from ssm.train.config import base, lock, small_lm, task_config
+from ssm.config import base, lock, small_lm, task_config
 
 
 def get_config(arch="mamba"):

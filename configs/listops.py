@@ -19,7 +19,7 @@ rsqrt decay, weight decay 0.1) is one override away:
 whole expression, so the numbers are not directly comparable to LRA's table.)
 """
 
-from ssm.train.config import base, lock, small_lm, task_config
+from ssm.config import base, lock, small_lm, task_config
 
 
 def get_config(arch="mamba"):

@@ -21,7 +21,7 @@ Zoology's setting is one override away: --config.task.vocab_size=8192
 (0 pairs: Zoology's count for the length, 4, 8, 16 or 64 at 64, 128, 256 or 512).
 """
 
-from ssm.train.config import base, lock, small_lm, task_config
+from ssm.config import base, lock, small_lm, task_config
 
 
 def get_config(arch="mamba"):

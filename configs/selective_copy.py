@@ -16,7 +16,7 @@ of 1e-4, batch 64) is one override away:
 calls L the noise alone: for L = 4096 use seq_len 4128.)
 """
 
-from ssm.train.config import base, lock, small_lm, task_config
+from ssm.config import base, lock, small_lm, task_config
 
 
 def get_config(arch="mamba"):

@@ -23,7 +23,7 @@ import jax
 from ssm.report import write_section
 
 from ssm.train import Trainer
-from ssm.train.config import load_config_file
+from ssm.config import load_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["mqar.py:mamba", "selective_copy.py:mamba", "induction_heads.py:mamba",

@@ -39,7 +39,7 @@ from flax import nnx
 from ssm import flops
 from ssm.models import LMConfig, build, get_preset
 from ssm.report import describe_device, write_section
-from ssm.train.config import base
+from ssm.config import base
 from ssm.train.metrics import peak_flops
 from ssm.train.optim import make_optimizer
 from ssm.train.sharding import batch_sharding, make_mesh
@@ -97,7 +97,7 @@ def measure_train(config, length, tokens, steps, seed=0):
   rng = np.random.default_rng(seed)
   ids = jnp.asarray(rng.integers(0, config.vocab_size, (batch, length + 1)), jnp.int32)
   data = dict(inputs=ids[:, :-1], labels=ids[:, 1:], loss_mask=jnp.ones((batch, length)))
-  carry = [new_state(params, tx.init(params), seed)]
+  carry = [new_state(params, tx.init(params))]
 
   def run():
     carry[0], metrics = step(carry[0], data)

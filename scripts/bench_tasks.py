@@ -21,7 +21,7 @@ import numpy as np
 from ssm.report import write_section
 
 from ssm.data.tasks import make_task
-from ssm.train.config import load_config_file
+from ssm.config import load_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
 # (config, task overrides, batch size; None: the config's). The paper settings are the

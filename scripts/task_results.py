@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 
 from ssm.train import train
-from ssm.train.config import load_config_file
+from ssm.config import load_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["selective_copy.py:mamba", "selective_copy.py:transformer",

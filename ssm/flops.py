@@ -109,9 +109,8 @@ def lm_flops(c: LMConfig, seq_len, causal_half=False):
   return terms
 
 
-def vision_flops(c, causal_half=False):
+def vision_flops(c):
   """Forward FLOPs per image for ViTConfig / VimConfig, by term."""
-  del causal_half
   D, P, R = c.d_model, c.grid**2, c.num_registers
   T = 1 + R + P
   terms = dict(patch=2 * c.patch_size**2 * c.channels * D * P, matmul=0, attention=0, scan=0,

@@ -41,7 +41,7 @@ def architecture(config):
 def resolve(name):
   """A preset name, or a config file 'path.py[:arg]' (its model and task length)."""
   if name.split(":")[0].endswith(".py"):
-    from ssm.train.config import load_config_file
+    from ssm.config import load_config_file
     c = load_config_file(name)
     return config_from_dict(c.model), c.task.get("seq_len")
   return get_preset(name), None

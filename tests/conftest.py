@@ -17,7 +17,7 @@ def fit(model, batches, kind="lm", lr=3e-3):
   import jax
   from flax import nnx
 
-  from ssm.train.config import base
+  from ssm.config import base
   from ssm.train.optim import make_optimizer
   from ssm.train.sharding import batch_sharding, make_mesh
   from ssm.train.step import new_state, train_step
@@ -30,7 +30,7 @@ def fit(model, batches, kind="lm", lr=3e-3):
   tx, schedule = make_optimizer(t, state)
   mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
   step = jax.jit(train_step(graphdef, tx, schedule, 1, batch_sharding(mesh), kind))
-  state, losses = new_state(params, tx.init(params), 0), []
+  state, losses = new_state(params, tx.init(params)), []
   for batch in batches:
     state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]))

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from ssm.train import checkpoint as C
-from ssm.train.config import base
+from ssm.config import base
 
 
 def cfg():

@@ -1,4 +1,4 @@
-"""ssm.train.config: every task field is a key of the locked config, overridable from
+"""ssm.config: every task field is a key of the locked config, overridable from
 the command line (as ssm-train parses it), and every config file's task makes its
 pipeline."""
 
@@ -13,7 +13,7 @@ from ml_collections import config_flags
 from ssm.compare import base_config
 from ssm.data import make_pipeline
 from ssm.data.pipeline import task_class
-from ssm.train.config import LOOP_FIELDS, SMALL_LMS, TASK_NAMES, load_config_file, task_config
+from ssm.config import LOOP_FIELDS, SMALL_LMS, TASK_NAMES, load_config_file, task_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

@@ -15,7 +15,7 @@ import pytest
 from ssm.data import make_pipeline
 from ssm.data.images import Images
 from ssm.data.text import BOS, SHAKESPEARE, ByteText
-from ssm.train.config import load_config_file
+from ssm.config import load_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
 # Debian's dataset-fashion-mnist (DESIGN.md); the Shakespeare corpus ships in ssm/data.
@@ -284,7 +284,7 @@ def test_a_model_that_cannot_read_the_task_is_an_error(tmp_path):
 ROWS_SCRIPT = """
 import json, sys, numpy as np, jax
 from jax.experimental import multihost_utils
-from ssm.train.config import load_config_file
+from ssm.config import load_config_file
 from ssm.train.loop import Trainer, setup_distributed
 spec, port, pid, out, text = sys.argv[1:]
 c = load_config_file(spec)

@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from ssm.train.config import base
+from ssm.config import base
 from ssm.train.optim import decays, schedule
 
 

@@ -159,9 +159,9 @@ def moved(hlo, length):
   (all-gather, all-to-all, collective-permute; all-reduces of partial sums are fine)."""
   found = []
   for line in hlo.splitlines():
-    m = re.search(r"= \w+\[([\d,]*)\]\S* (all-gather|all-to-all|collective-permute)(-start)?\(",
-                  line)
-    if m and length in [int(d) for d in m.group(1).split(",") if d]:
+    m = re.search(r"= (.*?) (all-gather|all-to-all|collective-permute)(-start)?\(", line)
+    shapes = re.findall(r"\[([\d,]*)\]", m.group(1)) if m else []  # one, or a tuple
+    if any(length in [int(d) for d in shape.split(",") if d] for shape in shapes):
       found.append(line.strip())
   return found
 
@@ -170,7 +170,7 @@ def _eight_device_checks():
 
   from ssm.layers import Mamba, MambaConfig
   from ssm.train import sharding
-  from ssm.train.config import load_config_file
+  from ssm.config import load_config_file
   from ssm.train.loop import Trainer
   from ssm.train.step import microbatches
 

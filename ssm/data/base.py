@@ -1,6 +1,6 @@
 """What every input pipeline is to the training loop (see ssm.data.pipeline)."""
 
-import dataclasses
+from ssm.fields import from_dict
 
 
 class Pipeline:
@@ -12,7 +12,7 @@ class Pipeline:
   @classmethod
   def from_config(cls, fields, batch_size, seed):
     fields = {k: v for k, v in fields.items() if k != "name"}
-    return fields_of(cls, dict(fields, batch_size=batch_size, seed=seed),
+    return from_dict(cls, dict(fields, batch_size=batch_size, seed=seed),
                      f"task ({cls.__name__})")
 
   def batches(self, split, rows):
@@ -21,12 +21,3 @@ class Pipeline:
   def eval_variants(self):
     """(suffix, pipeline) pairs evaluated besides the pipeline itself."""
     return []
-
-
-def fields_of(cls, fields, where):
-  """The dataclass `cls` from a config dict; unknown keys name the valid ones."""
-  valid = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(fields) - valid)
-  if unknown:
-    raise ValueError(f"{where}: unknown keys {unknown}; valid keys: {sorted(valid)}")
-  return cls(**fields)

@@ -11,6 +11,8 @@ import random
 
 import numpy as np
 
+from ssm.fields import check_keys
+
 
 @dataclasses.dataclass(frozen=True)
 class Task:
@@ -300,7 +302,5 @@ def make_task(config, batch_size, seed):
     raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
   cls = TASKS[name]
   valid = {f.name for f in dataclasses.fields(cls)} - {"name", "batch_size", "seed"}
-  unknown = sorted(set(fields) - valid)
-  if unknown:
-    raise ValueError(f"task {name!r}: unknown keys {unknown}; valid keys: {sorted(valid)}")
+  check_keys(fields, valid, f"task {name!r}")
   return cls(name=name, batch_size=batch_size, seed=seed, **fields)

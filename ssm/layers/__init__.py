@@ -1,4 +1,5 @@
-"""Layers (Flax NNX): norms, the Mamba mixer."""
+"""Layers (Flax NNX): the Mamba mixer, attention, MLPs, norms, the residual block, and
+the parameter roles and activation layouts they are made with (partitioning)."""
 
 from ssm.layers.mamba import BiMamba, Mamba, MambaCache, MambaConfig, causal_conv1d
 from ssm.layers.norms import RMSNorm

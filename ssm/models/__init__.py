@@ -1,9 +1,7 @@
 """Models: language models (Mamba, Transformer, hybrid) and vision models (ViT with
 registers, Vision Mamba), and their named presets."""
 
-import dataclasses
-from collections.abc import Mapping
-
+from ssm.fields import from_dict
 from ssm.models.lm import LanguageModel, LMConfig
 from ssm.models.vim import VimConfig, VisionMamba
 from ssm.models.vit import ViT, ViTConfig
@@ -35,21 +33,7 @@ def config_from_dict(fields):
   if kind not in KINDS:
     raise ValueError(f"model.kind {kind!r}: expected one of {list(KINDS)}")
   base = get_preset(preset) if preset else None
-  return _dataclass_from_dict(type(base) if base else KINDS[kind], fields, "model", base)
-
-
-def _dataclass_from_dict(cls, fields, where, base=None):
-  valid = {f.name: f for f in dataclasses.fields(cls)}
-  unknown = sorted(set(fields) - set(valid))
-  if unknown:
-    raise ValueError(f"{where}: unknown keys {unknown}; valid keys: {sorted(valid)}")
-  kwargs = {}
-  for name, value in fields.items():
-    default = getattr(base, name) if base is not None else valid[name].default
-    if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
-      value = _dataclass_from_dict(type(default), value, f"{where}.{name}", default)
-    kwargs[name] = value
-  return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+  return from_dict(type(base) if base else KINDS[kind], fields, "model", base)
 
 
 from ssm.models.presets import PRESETS, get_preset  # noqa: E402  (presets need the configs)

@@ -19,11 +19,11 @@ from flax import nnx
 
 from ssm.layers import Mamba, MambaConfig, partitioning
 from ssm.layers.attention import Attention, AttentionConfig
+from ssm.layers.block import DTYPES, Block
 from ssm.layers.mlp import MLP
 from ssm.layers.mamba import torch_linear_init
 from ssm.layers.norms import make_norm
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 MIXERS = {"M": "Mamba", "A": "attention"}
 
 
@@ -83,61 +83,6 @@ def document_positions(reset_BL, length):
     return t[None]
   start = jax.lax.cummax(jnp.where(reset_BL, t, 0), axis=1)
   return t - start
-
-
-class Block(nnx.Module):
-  """Add -> Norm -> mixer (-> Add -> Norm -> MLP); returns (branch output, residual).
-
-  Carrying the residual apart from the branch output is mamba_ssm's form of a
-  pre-norm block; it is the same function as x + mixer(norm(x)). `layer_scale`
-  (ViTs) multiplies each branch's output by a learned per-channel vector."""
-
-  def __init__(self, mixer, d_model, *, norm, norm_eps, mlp=None, layer_scale=None,
-               residual_in_fp32=True, dtype=jnp.float32):
-    self.residual_in_fp32, self.dtype = residual_in_fp32, dtype
-    self.norm = make_norm(norm, d_model, norm_eps)
-    self.mixer = mixer
-    self.norm2 = make_norm(norm, d_model, norm_eps) if mlp is not None else None
-    self.mlp = mlp
-    scale = lambda: partitioning.param(jnp.full((d_model,), layer_scale, jnp.float32), (None,),
-                                       decay=False)
-    self.layer_scale1 = scale() if layer_scale is not None else None
-    self.layer_scale2 = scale() if layer_scale is not None and mlp is not None else None
-
-  def _add(self, h, residual):
-    residual = h if residual is None else h + residual
-    return residual.astype(jnp.float32) if self.residual_in_fp32 else residual
-
-  @staticmethod
-  def _scale(h, scale):
-    return h if scale is None else (h * scale[...]).astype(h.dtype)
-
-  def __call__(self, h, residual, reset_BL=None, positions_BL=None, *, return_cache=False,
-               max_length=None, return_weights=False):
-    """Returns (h, residual, extras) where extras holds the cache and/or the
-    attention weights when asked for."""
-    residual = self._add(h, residual)
-    kw = dict(positions_BL=positions_BL, return_cache=return_cache, max_length=max_length)
-    if return_weights:
-      kw["return_weights"] = True
-    out = self.mixer(self.norm(residual, self.dtype), reset_BL, **kw)
-    h, extras = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())
-    h = self._scale(h, self.layer_scale1)
-    if self.mlp is not None:
-      residual = self._add(h, residual)
-      h = self._scale(self.mlp(self.norm2(residual, self.dtype)), self.layer_scale2)
-    # The residual stream between blocks: split over the batch, whole in d_model.
-    stream = lambda x: partitioning.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
-    return stream(h), stream(residual), extras
-
-  def step(self, h, residual, cache, position):
-    residual = self._add(h, residual)
-    h, cache = self.mixer.step(self.norm(residual, self.dtype), cache, position)
-    h = self._scale(h, self.layer_scale1)
-    if self.mlp is not None:
-      residual = self._add(h, residual)
-      h = self._scale(self.mlp(self.norm2(residual, self.dtype)), self.layer_scale2)
-    return h, residual, cache
 
 
 def linear_inits(config: LMConfig, n_residuals):
@@ -216,8 +161,8 @@ class LanguageModel(nnx.Module):
     positions = jnp.broadcast_to(document_positions(reset_BL, L), (B, L))
     h, residual, caches = self._embed(ids_BL, positions), None, []
     for layer in self.layers:
-      h, residual, extras = layer(h, residual, reset_BL, positions, return_cache=return_cache,
-                                  max_length=max_length)
+      h, residual, extras = layer(h, residual, reset_BL, positions_BL=positions,
+                                  return_cache=return_cache, max_length=max_length)
       caches.extend(extras)
     logits = self._logits(h, residual)
     if return_cache:

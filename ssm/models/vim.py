@@ -12,8 +12,8 @@ import numpy as np
 from flax import nnx
 
 from ssm.layers import BiMamba, MambaConfig
+from ssm.layers.block import DTYPES, Block
 from ssm.layers.norms import make_norm
-from ssm.models.lm import DTYPES, Block
 from ssm.models.vit import ImageConfig, ImageModel, resize_positions
 
 

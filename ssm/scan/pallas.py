@@ -1,38 +1,10 @@
 """Fused selective scan in Pallas: the state stays on chip, inputs are read once.
 
-The kernel's grid runs over (batch, blocks of K channels). Each program keeps its
-state h (N, K) in float32 on chip (registers on a GPU, vregs/VMEM on a TPU) and
-walks the sequence in chunks of T steps, each chunk unrolled: every step reads one
-K-wide row of u, delta and z and one N-wide row of B and C, and writes one row of
-y. Nothing of size (batch, length, channels, state) ever reaches memory. Softplus,
-the D skip and the z gate are fused in; arithmetic is float32 for bf16 or float32
-inputs.
-
-Backward (a custom VJP that recomputes, as the official CUDA kernel): the forward
-pass run for the VJP also saves the state entering every segment of m ~ sqrt(L/T)
-chunks, (batch, L/(T m), N, channels) in float32. The backward kernel walks the
-segments in reverse: it recomputes the states entering the segment's m chunks
-into a per-program workspace (m, N, K), then walks those chunks in reverse,
-recomputing each chunk's T states from its entry state (kept on chip: the chunk is
-unrolled) and running the adjoint recurrence back through them. Extra memory is
-thus about 2 sqrt(L/T) states per (batch, channel), against L of them for a
-(B, L, D, N) tensor. dB and dC sum over channel blocks into float32 buffers, with
-atomic adds on GPUs (whose programs run in parallel) and in place on TPUs (whose
-grid runs the channel axis in order); dA, dD and d(delta_bias) are written per
-batch row and summed by XLA.
-
-Lowering. The kernel is a plain `pl.pallas_call` with BlockSpecs, so one body
-serves every platform: on CPU it runs in interpret mode (the tests); on NVIDIA
-GPUs it lowers through Triton (`pltriton.CompilerParams`: Pallas's Mosaic GPU
-path is for `plgpu.kernel`, whose warpgroup layouts need rows of 128 elements,
-not the N = 16-wide rows of B and C); on TPU through Mosaic TPU. tests/
-test_pallas.py lowers it for "cuda" and "tpu" from this CPU machine; neither has
-been compiled or timed on the hardware yet (docs/benchmarks.md).
-
-Layout inside the kernel: the state is (N, K), channels last, so that a row of u
-(1, K) broadcasts over the state and the output y_t = sum_n h_t C_t is a
-reduction over the leading axis. Triton wants power-of-two shapes: N is padded
-to one (zeros: a padded state component stays 0) and K is one.
+The grid runs over (batch, blocks of K channels); each program keeps its state
+(N, K) in float32 on chip and walks the sequence in unrolled chunks of T steps.
+The backward is a custom VJP that recomputes states from checkpoints every ~sqrt(L/T)
+chunks. One `pl.pallas_call` body serves CPU (interpret mode), GPU (Triton) and TPU
+(Mosaic). The design, in full: docs/pallas.md.
 """
 
 import dataclasses

@@ -82,7 +82,7 @@ class Trainer:
         self.tx, lambda _, s: s, jax.eval_shape(self.tx.init, params), self.param_shardings,
         transform_non_params=lambda _: self.replicated)
     opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(params)
-    return new_state(params, opt_state, seed, lambda x: jax.device_put(x, self.replicated))
+    return new_state(params, opt_state, lambda x: jax.device_put(x, self.replicated))
 
   # --- the step ------------------------------------------------------------
   def make_step(self, state_shardings):

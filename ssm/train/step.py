@@ -60,19 +60,18 @@ def microbatches(batch, accum):
   return jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def new_state(params, opt_state, seed, put=lambda x: x):
-  """The state `train_step` steps (a dict): step, params, opt_state, the PRNG key of
-  `seed`, and first_bad_step (-1 while every loss has been finite). `put` places the
-  scalars (the loop replicates them over its mesh)."""
+def new_state(params, opt_state, put=lambda x: x):
+  """The state `train_step` steps (a dict): step, params, opt_state and first_bad_step
+  (-1 while every loss has been finite). `put` places the scalars (the loop
+  replicates them over its mesh)."""
   return dict(step=put(jnp.zeros((), jnp.int32)), params=params, opt_state=opt_state,
-              rng=put(jax.random.key_data(jax.random.key(seed))),
               first_bad_step=put(jnp.full((), -1, jnp.int32)))
 
 
 def train_step(graphdef, tx, lr, accum, batch_sharding, kind="lm", bits_per_byte=False):
   """step(state, batch) -> (state, metrics): the gradient of the batch's mean loss over
   `accum` microbatches, an optimizer update, and where the loss first went non-finite.
-  The state is a dict: step, params, opt_state, rng, first_bad_step."""
+  The state is `new_state`'s dict."""
   mesh = batch_sharding.mesh.abstract_mesh
 
   def loss_fn(params, batch, count):
