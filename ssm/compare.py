@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import ml_collections as mlc
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from ssm.fields import check_keys
@@ -27,7 +27,7 @@ from ssm.flops import family_config, lm_flops, lm_params, match
 from ssm.models import config_from_dict
 from ssm.report import best_rows, plot, write_tables
 from ssm.train import train
-from ssm.config import load_config_file, model_config
+from ssm.config import command, load_config_file, model_config
 from ssm.train.metrics import setup_logging
 
 log = logging.getLogger("ssm.compare")
@@ -187,6 +187,10 @@ def _run_in_parallel(run_dirs, parallel):
   """Each run in its own process, with its own share of the devices (GPUs) or of the
   cores (CPU: XLA runs small models' ops on one core nearly as fast as on two)."""
   import jax
+  # This process only schedules: it must not take the GPUs' memory, which JAX would
+  # preallocate (75% of each) when it looks at the devices. The runs preallocate as usual.
+  ours = "XLA_PYTHON_CLIENT_PREALLOCATE" not in os.environ
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   on_gpu = jax.default_backend() == "gpu"
   units = [d.id for d in jax.local_devices()] if on_gpu else sorted(os.sched_getaffinity(0))
   share = max(1, len(units) // parallel)
@@ -196,6 +200,8 @@ def _run_in_parallel(run_dirs, parallel):
       slot = next(i for i in range(parallel) if i not in [s for s, _, _ in active])
       mine = units[slot * share:(slot + 1) * share] or units
       env, pin = dict(os.environ), None
+      if ours:
+        env.pop("XLA_PYTHON_CLIENT_PREALLOCATE")
       if on_gpu:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, mine))
       else:
@@ -260,9 +266,31 @@ def _main(argv):
         f"plots: {', '.join(map(str, figures))}", flush=True)
 
 
+USAGE = """
+ssm-compare: a matched comparison of architectures on one task, every run through the
+shared loop; rerunning finishes an interrupted one.
+
+  ssm-compare --config FILE[:ARG] [--workdir DIR] [--config.KEY=VALUE ...]
+
+  ssm-compare --config configs/compare/mqar.py                  # Zoology's Figure 2, CPU size
+  ssm-compare --config configs/compare/mqar.py:paper            # the paper's own setting
+  ssm-compare --config configs/compare/bytes.py --config.seeds='(0,1,2)'
+
+--config  a comparison file (configs/compare/*.py: mqar, induction_heads, selective_copy,
+          bytes); ARG "paper" where it has the paper's setting
+--workdir where it all goes (default runs/<comparison name>): runs/<run>/ (each a
+          ssm-train workdir), results.csv, results.md, accuracy.png, loss.png
+
+The main overrides: families, sizes, seeds, lrs (one tuple, or lrs.<family>), lr_sweep
+(first_seed | every_seed), match (width | params | flops), same_depth, seq_lens,
+parallel (runs at a time), overrides.<section>.<key> (passed to every run, e.g.
+--config.overrides.train.steps=500).
+"""
+
+
 def main():
   flags.mark_flags_as_required(["config"])
-  app.run(_main)
+  command("ssm-compare", USAGE, _main)
 
 
 if __name__ == "__main__":

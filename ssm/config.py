@@ -11,6 +11,7 @@ import ml_collections as mlc
 
 from ssm.data import tasks
 from ssm.data.pipeline import SOURCES, task_class
+from ssm.fields import check_keys
 from ssm.layers import MambaConfig
 from ssm.layers.attention import AttentionConfig
 from ssm.models import KINDS, LMConfig
@@ -69,10 +70,7 @@ def task_config(name, **fields):
   from the command line."""
   cls = task_class(name)
   own = [f for f in dataclasses.fields(cls) if f.name not in LOOP_FIELDS]
-  valid = sorted(f.name for f in own)
-  unknown = sorted(set(fields) - set(valid))
-  if unknown:
-    raise ValueError(f"task {name!r}: unknown fields {unknown}; valid fields: {valid}")
+  check_keys(fields, [f.name for f in own], f"task {name!r}")
   hints = typing.get_type_hints(cls)
   c = mlc.ConfigDict(dict(name=name))
   for f in own:
@@ -105,6 +103,39 @@ def load_config_file(spec):
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()
+
+
+def command(prog, usage, run):
+  """absl's app.run for a console script whose --config is a config file: `--help`
+  prints `usage`; a missing --config, a config file that does not exist or that
+  raises an error (a wrong :ARG, a bad value) is one line on stderr and exit 2."""
+  import sys
+
+  from absl import app
+
+  argv = sys.argv[1:]
+  if "-h" in argv or "--help" in argv:
+    print(usage.strip())
+    sys.exit(0)
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None and "--config" in argv[:-1]:
+    spec = argv[argv.index("--config") + 1]
+  def fail(message):
+    print(f"{prog}: {message}", file=sys.stderr)
+    sys.exit(2)
+
+  if spec is None:
+    fail("--config=FILE[:ARG] is required (e.g. --config=configs/mqar.py:mamba); "
+         f"{prog} --help says more")
+  path = spec.partition(":")[0]
+  if not Path(path).is_file():
+    fail(f"no config file {path!r}; the config files are under configs/ (e.g. "
+         "configs/mqar.py:mamba, configs/compare/mqar.py)")
+  try:
+    load_config_file(spec)
+  except (ValueError, KeyError, TypeError) as e:
+    fail(e)
+  app.run(run)
 
 
 # The families of the synthetic-task configs, at Zoology's MQAR size (two layers of

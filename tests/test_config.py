@@ -93,10 +93,10 @@ def test_task_config_holds_the_defaults_and_names_what_is_wrong():
   c = task_config("mqar", vocab_size=64, seq_len=64)
   assert c.to_dict() == dict(name="mqar", vocab_size=64, seq_len=64, eval_seq_lens=(),
                              num_kv_pairs=0, power_a=0.01, random_non_queries=False)
-  with pytest.raises(ValueError, match=r"unknown fields \['pairs'\]; valid fields: "
+  with pytest.raises(ValueError, match=r"unknown keys \['pairs'\]; valid keys: "
                      r"\['eval_seq_lens', 'num_kv_pairs', 'power_a', 'random_non_queries'"):
     task_config("mqar", vocab_size=64, seq_len=64, pairs=4)
-  with pytest.raises(ValueError, match="unknown fields.*seed"):  # the loop's, not the task's
+  with pytest.raises(ValueError, match="unknown keys.*seed"):  # the loop's, not the task's
     task_config("mqar", vocab_size=64, seq_len=64, seed=1)
   with pytest.raises(ValueError, match="seq_len has no default"):
     task_config("bytes", path="x.txt")
@@ -107,3 +107,21 @@ def test_task_config_holds_the_defaults_and_names_what_is_wrong():
   c.lock()
   c.power_a = 0.5
   assert c.power_a == 0.5
+
+
+@pytest.mark.parametrize("command,args,code,says", [
+    ("ssm.train.main", ["--help"], 0, "--config.SECTION.KEY=VALUE"),
+    ("ssm.compare", ["--help"], 0, "results.csv"),
+    ("ssm.train.main", ["--config=nope.py", "--workdir=x"], 2, "no config file 'nope.py'"),
+    ("ssm.train.main", ["--config=configs/mqar.py:nope", "--workdir=x"], 2,
+     "configs/mqar.py:nope: expected one of"),
+    ("ssm.compare", [], 2, "--config=FILE[:ARG] is required"),
+])
+def test_commands_have_help_and_one_line_config_errors(command, args, code, says):
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, "-m", command, *args], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+  assert out.returncode == code, out.stderr[-2000:]
+  text = out.stdout + out.stderr
+  assert says in text and "Traceback" not in text, text[-2000:]

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -203,7 +204,7 @@ def _eight_device_checks():
   c.model.d_model = 48  # E = 96: no activation dimension equals the vocabulary (64)
   c.train.update(dict(batch_size=16, grad_accum=2))
   c.mesh.update(dict(data=2, fsdp=2, tensor=2))
-  trainer = Trainer(c, "/tmp/unused")
+  trainer = Trainer(c, tempfile.mkdtemp())
   state, batch = trainer.init_state(), next(trainer.batches())
   out["step"] = moved(trainer.compile_step(state, batch).as_text(), L)
 

@@ -25,7 +25,7 @@ def default_impl(platform):
   only runs interpreted). Accelerators: the chunked backend, whose memory does
   not grow with N (docs/benchmarks.md). The fused Pallas kernel becomes the
   choice on GPU/TPU once it has been measured faster there: its GPU and TPU
-  timings are still owed (issue 7)."""
+  timings are still owed (docs/benchmarks.md)."""
   return "reference" if platform == "cpu" else "chunked"
 
 

@@ -2,11 +2,38 @@
 
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from ssm.config import command
 from ssm.train.loop import NonFiniteLoss, train
 from ssm.train.metrics import setup_logging
+
+USAGE = """
+ssm-train: trains (or resumes) one run through the shared loop.
+
+  ssm-train --config FILE[:ARG] --workdir DIR [--config.KEY=VALUE ...]
+
+  ssm-train --config configs/mqar.py:mamba --workdir runs/mqar-mamba
+  ssm-train --config configs/bytes.py:hybrid --workdir runs/b --config.train.steps=2000 \\
+            --config.model.d_model=256 --config.mesh.fsdp=2
+
+--config  a config file and the argument its get_config(ARG) takes (configs/*.py: mqar,
+          induction_heads, selective_copy, listops, bytes, images; ARG the model)
+--workdir where everything goes: config.json, metrics.jsonl, checkpoints/, wandb/;
+          rerunning the same command resumes from its newest checkpoint
+
+Any key of the config is an override, --config.SECTION.KEY=VALUE; the main ones:
+  train.steps, train.batch_size, train.lr, train.schedule (cosine | constant),
+  train.warmup_steps, train.grad_accum, train.eval_every, train.stop_when
+  model.d_model, model.n_layer, model.pattern (M: Mamba, A: attention, e.g. MMA),
+  model.dtype (float32 | bfloat16), model.mamba.d_state, model.mamba.scan_impl
+  task.* (the task's fields: task.seq_len, task.vocab_size, ...)
+  mesh.data, mesh.fsdp, mesh.tensor (one may be -1: the rest of the devices)
+  checkpoint.every, checkpoint.keep, wandb.mode (online | offline | disabled | auto)
+Every key and its default: python -c "from ssm.config import load_config_file; \\
+  print(load_config_file('configs/mqar.py:mamba'))"
+"""
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<task>.py:<arch>",
                                           lock_config=True)
@@ -25,7 +52,7 @@ def _main(argv):
 
 def main():
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(_main)
+  command("ssm-train", USAGE, _main)
 
 
 if __name__ == "__main__":
