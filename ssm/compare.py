@@ -261,7 +261,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "default: runs/<comparison name>
 def _main(argv):
   del argv
   setup_logging()
-  workdir, table, figures = compare(_CONFIG.value, _WORKDIR.value)
+  try:
+    workdir, table, figures = compare(_CONFIG.value, _WORKDIR.value)
+  except ValueError as e:  # a comparison that cannot run: its message says what to change
+    print(f"ssm-compare: {e}", file=sys.stderr)
+    sys.exit(2)
   print(f"\n{table}\nresults: {workdir / 'results.csv'}, {workdir / 'results.md'}\n"
         f"plots: {', '.join(map(str, figures))}", flush=True)
 

@@ -11,7 +11,7 @@ import ml_collections as mlc
 
 from ssm.data import tasks
 from ssm.data.pipeline import SOURCES, task_class
-from ssm.fields import check_keys
+from ssm.fields import check_keys, require
 from ssm.layers import MambaConfig
 from ssm.layers.attention import AttentionConfig
 from ssm.models import KINDS, LMConfig
@@ -44,6 +44,23 @@ def base():
   c.distributed = mlc.ConfigDict(dict(auto=False, coordinator_address="", num_processes=1,
                                       process_id=0, cpu_collectives="gloo"))
   return c
+
+
+def check(c):
+  """ValueErrors, naming the key and its value, for train and checkpoint values out of
+  range (the model and task dataclasses check their own fields)."""
+  t, k = c.train, c.checkpoint
+  at_least = lambda x, low: (x, x >= low, f"must be >= {low}")
+  require("train", steps=at_least(t.steps, 0), lr=at_least(t.lr, 0),
+          warmup_steps=at_least(t.warmup_steps, 0), log_every=at_least(t.log_every, 1),
+          eval_every=at_least(t.eval_every, 0), eval_steps=at_least(t.eval_steps, 1),
+          weight_decay=at_least(t.weight_decay, 0), clip_norm=at_least(t.clip_norm, 0),
+          schedule_steps=at_least(t.schedule_steps, 0),
+          min_lr_ratio=(t.min_lr_ratio, 0 <= t.min_lr_ratio <= 1, "must be in [0, 1]"),
+          schedule=(t.schedule, t.schedule in ("cosine", "constant"),
+                    "expected 'cosine' or 'constant'"))
+  require("checkpoint", every=at_least(k.every, 1), keep=at_least(k.keep, 1),
+          best_mode=(k.best_mode, k.best_mode in ("min", "max"), "expected 'min' or 'max'"))
 
 
 def lock(c):
@@ -132,10 +149,22 @@ def command(prog, usage, run):
     fail(f"no config file {path!r}; the config files are under configs/ (e.g. "
          "configs/mqar.py:mamba, configs/compare/mqar.py)")
   try:
-    load_config_file(spec)
+    config = load_config_file(spec)
+    for arg in argv:  # overrides name keys of the config: misspelt ones named here
+      if arg.startswith("--config."):
+        _check_key(config, arg[len("--config."):].split("=", 1)[0])
   except (ValueError, KeyError, TypeError) as e:
     fail(e)
   app.run(run)
+
+
+def _check_key(config, dotted):
+  node, done = config, []
+  for part in dotted.split("."):
+    if not isinstance(node, mlc.ConfigDict):
+      raise ValueError(f"--config.{dotted}: {'.'.join(done)} is a value, not a section")
+    check_keys({part}, list(node), f"--config.{dotted}: config.{'.'.join(done) or '(top)'}")
+    node, done = node[part], done + [part]
 
 
 # The families of the synthetic-task configs, at Zoology's MQAR size (two layers of

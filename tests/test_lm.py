@@ -70,8 +70,11 @@ def test_hybrid_pattern_and_decoding():
   full = model(ids)
   _, cache = model(ids[:, :4], return_cache=True, max_length=11)
   for t in range(4, 11):
-    out, cache = model.step(ids[:, t], cache)
+    # ids (B,) or (B, 1), as a decode loop holding the last token as a column gives them
+    out, cache = model.step(ids[:, t] if t % 2 else ids[:, t:t + 1], cache)
     np.testing.assert_allclose(out, full[:, t], rtol=2e-5, atol=2e-5)
+  with pytest.raises(ValueError, match="one token id per row"):
+    model.step(ids[:, :2], cache)
 
 
 def test_packed_rows_equal_separate_documents_in_a_hybrid():

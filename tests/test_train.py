@@ -213,12 +213,28 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     (["--config.mesh.data=2", "--config.train.batch_size=15"], "not divisible by the data-parallel"),
     (["--config.train.stepz=3"], "stepz"),
     (["--config.mesh.pipeline=2"], "pipeline"),
+    (["--config.model.d_model=-3"], "model.d_model=-3: must be positive"),
+    (["--config.train.batch_size=0"], "train.batch_size=0: must be positive"),
 ])
 def test_bad_configs_fail_before_compiling(tmp_path, override, message):
+  """In one line that names the key and the value, without a traceback."""
   devices = 2 if "--config.mesh.data=2" in override else 1
   code, out = run_train(tmp_path, *override, devices=devices)
-  assert code != 0 and message in out, out[-2000:]
+  assert code == 2 and message in out and "Traceback" not in out, out[-2000:]
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_rerun_with_another_model_is_an_error_and_other_changes_a_warning(tmp_path, caplog):
+  from ssm.train import train
+  train(_in_process_config(steps=4), tmp_path)
+  c = _in_process_config(steps=4)
+  c.model.d_model = 48
+  with pytest.raises(ValueError, match="holds a run of another model or task: model.d_model"):
+    train(c, tmp_path)
+  with caplog.at_level("WARNING", logger="ssm.train"):
+    train(_in_process_config(steps=6), tmp_path)
+  assert "with changed train.steps" in caplog.text
+  assert losses(tmp_path)[1] == list(range(1, 7))
 
 
 def _in_process_config(**train):
@@ -331,7 +347,7 @@ def test_sigterm_is_checked_every_log_every_steps_and_resume_is_exact(tmp_path, 
   train(config(), tmp_path / "ref")
   checks = []
   advance = loop.MetricsWriter.advance
-  any_ = loop._SignalFlag.any
+  any_ = loop.SignalFlag.any
 
   def advance_and_signal(self):
     advance(self)
@@ -339,7 +355,7 @@ def test_sigterm_is_checked_every_log_every_steps_and_resume_is_exact(tmp_path, 
       os.kill(os.getpid(), signal.SIGTERM)
 
   monkeypatch.setattr(loop.MetricsWriter, "advance", advance_and_signal)
-  monkeypatch.setattr(loop._SignalFlag, "any", lambda self: checks.append(1) or any_(self))
+  monkeypatch.setattr(loop.SignalFlag, "any", lambda self: checks.append(1) or any_(self))
   train(config(), tmp_path / "run")
   assert "stopped by SIGTERM at step 6" in capsys.readouterr().out
   assert len(checks) == 2  # at steps 3 and 6: once per log_every, not every step

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ssm.fields import require
 from ssm.layers import partitioning
 
 
@@ -23,6 +24,9 @@ class AttentionConfig:
   rope: bool = True
   rope_theta: float = 10000.0
   implementation: str | None = None  # jax.nn.dot_product_attention's: None picks the best
+
+  def __post_init__(self):
+    require("model.attention", n_heads=(self.n_heads, self.n_heads > 0))
 
 
 class KVCache(NamedTuple):

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ssm.fields import require
 from ssm.layers import partitioning
 from ssm.scan import selective_scan, selective_state_update
 
@@ -34,6 +35,11 @@ class MambaConfig:
   conv_bias: bool = True
   bias: bool = False  # in_proj and out_proj
   scan_impl: str = "auto"  # see ssm.scan.selective_scan
+
+  def __post_init__(self):
+    require("model.mamba", d_state=(self.d_state, self.d_state > 0),
+            d_conv=(self.d_conv, self.d_conv > 0), expand=(self.expand, self.expand > 0),
+            dt_min=(self.dt_min, 0 < self.dt_min <= self.dt_max, "needs 0 < dt_min <= dt_max"))
 
 
 class MambaCache(NamedTuple):

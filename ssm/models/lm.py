@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ssm.fields import require
 from ssm.layers import Mamba, MambaConfig, partitioning
 from ssm.layers.attention import Attention, AttentionConfig
 from ssm.layers.block import DTYPES, Block
@@ -49,6 +50,9 @@ class LMConfig:
   attention: AttentionConfig = AttentionConfig()
 
   def __post_init__(self):
+    require("model", d_model=(self.d_model, self.d_model > 0),
+            n_layer=(self.n_layer, self.n_layer > 0),
+            vocab_size=(self.vocab_size, self.vocab_size > 0))
     if not self.pattern or set(self.pattern) - set(MIXERS):
       raise ValueError(f"pattern {self.pattern!r}: use the letters {dict(MIXERS)}")
     if self.mlp != "none" and self.d_intermediate <= 0:
@@ -179,7 +183,13 @@ class LanguageModel(nnx.Module):
     return LMCache(layers, jnp.asarray(0, jnp.int32))
 
   def step(self, ids_B, cache: LMCache):
-    """One token per row: ids (B,) -> logits (B, padded vocab) and the new cache."""
+    """One token per row: ids (B,) or (B, 1) -> logits (B, padded vocab) and the new
+    cache."""
+    if ids_B.ndim == 2 and ids_B.shape[1] == 1:
+      ids_B = ids_B[:, 0]
+    if ids_B.ndim != 1:
+      raise ValueError(f"step: expected one token id per row, (batch,) or (batch, 1), got "
+                       f"shape {ids_B.shape}")
     position = cache.position
     h, residual, new = self._embed(ids_B, position), None, []
     for layer, c in zip(self.layers, cache.layers):

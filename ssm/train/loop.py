@@ -9,16 +9,14 @@ pipeline (ssm.data.pipeline), whose position is saved with every checkpoint. A r
 
 import json
 import logging
-import signal
 import time
 from pathlib import Path
 
 import jax
-import numpy as np
 import optax
 from flax import nnx
-from jax.experimental import multihost_utils
 
+from ssm.config import check as check_config
 from ssm.data import make_pipeline
 from ssm.flops import compiled_flops, flops, param_count
 from ssm.models import LMConfig, build, config_from_dict
@@ -27,6 +25,7 @@ from ssm.train.checkpoint import Checkpointer, abstract
 from ssm.train.metrics import MetricsWriter, peak_flops
 from ssm.train.optim import make_optimizer
 from ssm.train.step import eval_step, means, new_state, train_step
+from ssm.train.stopping import EarlyStop, SignalFlag
 
 log = logging.getLogger("ssm.train")
 
@@ -54,6 +53,7 @@ class Trainer:
 
   def __init__(self, config, workdir):
     self.config, self.workdir = config, Path(workdir).absolute()  # orbax wants absolute paths
+    check_config(config)
     t = config.train
     self.mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch(t.batch_size, self.mesh, t.grad_accum)
@@ -146,6 +146,7 @@ class Trainer:
     an early stop or SIGTERM; returns the last metrics."""
     cfg = self.config
     self.workdir.mkdir(parents=True, exist_ok=True)
+    self._check_same_run()
     if jax.process_index() == 0:
       (self.workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
     checkpointer = Checkpointer(self.workdir / "checkpoints", cfg.checkpoint)
@@ -160,6 +161,24 @@ class Trainer:
       return self._train(start, state, data, checkpointer)
     finally:
       checkpointer.close()
+
+  def _check_same_run(self):
+    """A workdir with checkpoints holds one run: another model or task there is an
+    error (its checkpoints would not fit, or would mean something else); other changed
+    keys are a warning (they apply from the resumed step on)."""
+    old_path = self.workdir / "config.json"
+    if not old_path.exists() or not (self.workdir / "checkpoints").exists():
+      return
+    old, new = json.loads(old_path.read_text()), json.loads(self.config.to_json_best_effort())
+    changed = _differences(old, new)
+    fatal = [k for k in changed if k.split(".")[0] in ("model", "task", "seed")]
+    if fatal:
+      raise ValueError(f"{self.workdir} holds a run of another model or task: {', '.join(fatal)} "
+                       "differ from its config.json; give this run a new --workdir (or delete "
+                       "that one to start again)")
+    if changed:
+      log.warning("resuming %s with changed %s (from the resumed step on)", self.workdir,
+                  ", ".join(changed))
 
   def _restore(self, checkpointer):
     """(first step, state, batch iterator, saved position): from the newest readable
@@ -188,7 +207,7 @@ class Trainer:
     step_fn, eval_fn = self.compile_step(state, batch), self.make_eval()
     writer = MetricsWriter(self.workdir, cfg.wandb, self._run_config(step_fn, batch), start,
                            t.steps)
-    stop, early = _SignalFlag(), EarlyStop(t, cfg.checkpoint)
+    stop, early = SignalFlag(), EarlyStop(t, cfg.checkpoint)
     metrics, last_eval, eval_step, tick, waited = {}, {}, None, time.perf_counter(), 0.0
     try:
       for step in range(start, t.steps):
@@ -281,52 +300,6 @@ class Trainer:
           "Lower train.lr, raise train.warmup_steps or set train.clip_norm, then rerun.")
 
 
-class EarlyStop:
-  """`train.stop_when` ("eval/accuracy>=0.99": a metric, >= or <=, a threshold) and
-  `train.patience` (evals without improvement of checkpoint.best_metric) as one
-  check after each eval; `reason` says why the run stops, empty while it goes on."""
-
-  def __init__(self, t, checkpoint):
-    self.reason, self.threshold = "", None
-    if t.stop_when:
-      for op in (">=", "<="):
-        name, found, value = t.stop_when.partition(op)
-        if found:
-          try:
-            self.threshold = (name.strip(), op, float(value))
-          except ValueError:
-            break
-      if self.threshold is None:
-        raise ValueError(f"train.stop_when={t.stop_when!r}: expected METRIC>=VALUE or "
-                         "METRIC<=VALUE, e.g. 'eval/accuracy>=0.99'")
-    if t.patience and not checkpoint.best_metric:
-      raise ValueError("train.patience counts evals without improvement of "
-                       "checkpoint.best_metric, which is empty: set it (e.g. 'eval/loss')")
-    if (t.stop_when or t.patience) and not t.eval_every:
-      log.warning("train.stop_when and train.patience are checked at evals, and "
-                  "train.eval_every is 0: the run goes to train.steps")
-      self.threshold, t_patience = None, 0
-    else:
-      t_patience = t.patience
-    self.patience, self.metric = t_patience, checkpoint.best_metric
-    self.sign = -1 if checkpoint.best_mode == "max" else 1
-    self.best, self.waited = float("inf"), 0
-
-  def update(self, evals):
-    if self.threshold:
-      name, op, value = self.threshold
-      if name not in evals:
-        raise ValueError(f"train.stop_when names {name!r}; the evals give {sorted(evals)}")
-      x = evals[name]
-      if (x >= value) if op == ">=" else (x <= value):
-        self.reason = f"{name} = {x:.4g} {op} {value:g}"
-    if self.patience:
-      x = self.sign * evals[self.metric]
-      self.best, self.waited = (x, 0) if x < self.best else (self.best, self.waited + 1)
-      if self.waited >= self.patience and not self.reason:
-        self.reason = f"{self.metric} has not improved for {self.patience} evals"
-
-
 class _GlobalBatches:
   """A pipeline iterator whose batches are global jax.Arrays made from each
   process's rows."""
@@ -344,6 +317,18 @@ class _GlobalBatches:
 
   def set_state(self, state):
     self.iterator.set_state(state)
+
+
+def _differences(old, new, prefix=""):
+  """The dotted keys whose values differ between two nested dicts."""
+  out = []
+  for k in sorted(set(old) | set(new)):
+    a, b = old.get(k), new.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _differences(a, b, f"{prefix}{k}.")
+    elif a != b:
+      out.append(f"{prefix}{k}")
+  return out
 
 
 def check_model_fits_task(model_config, pipeline):
@@ -365,26 +350,6 @@ def check_model_fits_task(model_config, pipeline):
     if wrong:
       raise ValueError(f"the model does not fit task.dataset={pipeline.dataset!r}: set "
                        + " ".join(f"model.{k}={v}" for k, v in wrong.items()))
-
-
-class _SignalFlag:
-  """SIGTERM (preemption) sets a flag; `any()` is true once any process has one (an
-  all-gather across processes, so the loop calls it at the same steps everywhere)."""
-
-  def __init__(self):
-    self.flag = False
-    self.previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    self.flag = True
-
-  def any(self):
-    if jax.process_count() == 1:
-      return self.flag
-    return bool(multihost_utils.process_allgather(np.array(self.flag)).any())
-
-  def restore(self):
-    signal.signal(signal.SIGTERM, self.previous)
 
 
 def train(config, workdir):

@@ -48,6 +48,9 @@ def _main(argv):
   except NonFiniteLoss as e:
     print(f"ssm-train: {e}", file=sys.stderr)
     sys.exit(3)
+  except ValueError as e:  # a config that cannot run: its message says what to change
+    print(f"ssm-train: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main():

@@ -23,6 +23,8 @@ def setup_logging():
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
   logging.getLogger("ssm").setLevel(logging.INFO)
+  # JAX tries every platform it knows at start; on a machine without a TPU that is noise.
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
 
 
 def peak_flops(override=0.0):
@@ -67,7 +69,11 @@ class MetricsWriter:
       self.wandb = wandb.init(
           project=cfg.project, entity=cfg.entity or None, group=cfg.group or None,
           job_type=cfg.job_type or None, name=cfg.name or None, tags=list(cfg.tags) or None,
-          mode=mode, dir=str(workdir), id=run_id, resume="allow", config=run_config)
+          mode=mode, dir=str(workdir), id=run_id, resume="allow", config=run_config,
+          settings=wandb.Settings(silent=True))  # its banner and summary: one line below
+      where = self.wandb.dir if mode == "offline" else self.wandb.url
+      log.info("W&B %s run %s: %s%s", mode, run_id, where,
+               f" (upload: wandb sync {Path(self.wandb.dir).parent})" if mode == "offline" else "")
 
   def write(self, step, metrics):
     if not self.main:
@@ -78,7 +84,8 @@ class MetricsWriter:
     if self.wandb is not None:
       self.wandb.log(metrics, step=step)
     self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()
-                          if k in ("loss", "accuracy", "eval/loss", "eval/accuracy")},
+                          if k in ("loss", "accuracy", "bits_per_byte", "eval/loss",
+                                   "eval/accuracy", "eval/bits_per_byte")},
                          refresh=False)
 
   def advance(self):

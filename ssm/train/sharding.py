@@ -13,7 +13,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ssm.fields import require
 from ssm.layers.partitioning import BATCH, MESH_AXES as AXES, roles, spec
+
+
+_FAKE_DEVICES = ("; to try a mesh on a CPU, start with fake devices: "
+                 "XLA_FLAGS=--xla_force_host_platform_device_count=8")
 
 
 def make_mesh(mesh_cfg, devices=None):
@@ -29,12 +34,13 @@ def make_mesh(mesh_cfg, devices=None):
     raise ValueError(f"mesh {sizes}: sizes must be positive, with at most one -1")
   if rest:
     if len(devices) % known:
-      raise ValueError(f"mesh {sizes}: {len(devices)} devices are not divisible by {known}")
+      raise ValueError(f"mesh {sizes}: {len(devices)} devices are not divisible by {known}"
+                       f"{_FAKE_DEVICES}")
     sizes[rest[0]] = len(devices) // known
   if math.prod(sizes.values()) != len(devices):
     raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices but "
                      f"{len(devices)} are present; set mesh sizes whose product is "
-                     f"{len(devices)} (one of them may be -1)")
+                     f"{len(devices)} (one of them may be -1){_FAKE_DEVICES}")
   return jax.sharding.Mesh(np.asarray(devices).reshape([sizes[a] for a in AXES]), AXES)
 
 
@@ -52,6 +58,8 @@ def batch_sharding(mesh):
 
 def check_batch(global_batch, mesh, grad_accum=1):
   """Errors before any compilation when the batch cannot be split."""
+  require("train", batch_size=(global_batch, global_batch > 0),
+          grad_accum=(grad_accum, grad_accum > 0))
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if global_batch % grad_accum:
     raise ValueError(f"train.batch_size {global_batch} is not divisible by train.grad_accum "
