@@ -182,6 +182,16 @@ def test_chunked_tiling(chunk_size, channel_block):
                 chunk_size=chunk_size, channel_block=channel_block)
 
 
+@pytest.mark.parametrize("case,chunk", [
+    (Case(2, 7, 1, 2, False, False, False), 6),  # hypothesis found XLA:CPU miscompiling a
+    # concatenate-based shift here
+    (Case(3, 13, 3, 5, reset=True), 6), (Case(1, 11, 2, 2, initial_state=True), 10),
+])
+def test_chunked_shift_shapes(case, chunk):
+  for seed in range(3):
+    check_backend("chunked", case, seed, chunk_size=chunk)
+
+
 @hypothesis.settings(max_examples=6, deadline=None)
 @hypothesis.given(
     batch=st.integers(1, 3), length=st.integers(1, 48), channels=st.integers(1, 11),

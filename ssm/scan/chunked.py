@@ -94,8 +94,13 @@ def doubling_scan(u, delta, A, B, C, keep, h0):
 
 
 def _shift(x, n, fill):
-  """x moved n steps later along axis 1, the first n steps filled with `fill`."""
-  return jnp.concatenate([jnp.full_like(x[:, :n], fill), x[:, :-n]], axis=1)
+  """x moved n steps later along axis 1, the first n steps filled with `fill`. One
+  lax.pad (low n, high -n): built from a concatenate instead, XLA:CPU (jax 0.10.2)
+  gave wrong values inside the tile loop for some shapes (batch 2, T 6, K 1, N 2:
+  tests/test_scan.py::test_chunked_shift_shapes)."""
+  widths = [(0, 0, 0)] * x.ndim
+  widths[1] = (n, -n, 0)
+  return jax.lax.pad(x, jnp.asarray(fill, x.dtype), widths)
 
 
 def _tile(h, u, delta, z, A, B, C, D, delta_bias, keep, delta_softplus):
