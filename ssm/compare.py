@@ -140,6 +140,7 @@ def execute(cfg, workdir):
   jax.config.update("jax_compilation_cache_dir", cache)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   runs, sweep = plan(cfg), cfg.get("lr_sweep", "every_seed")
+  _log_plan(cfg, runs, sweep, workdir)
   if sweep == "every_seed":
     return _execute(cfg, runs, workdir)
   if sweep != "first_seed":
@@ -152,6 +153,21 @@ def execute(cfg, workdir):
   rest = [r for r in runs if r.seed != cfg.seeds[0]
           and r.lr == best[(r.family, r.size, r.seq_len or task_len)]]
   return results + _execute(cfg, rest, workdir)
+
+
+def _log_plan(cfg, runs, sweep, workdir):
+  """One line before anything runs: what is compared, at which sizes, how many runs."""
+  shapes = sorted({(r.size, r.family, r.model.d_model, r.model.n_layer) for r in runs})
+  sizes = "; ".join(f"ref {size}: " + ", ".join(f"{f} d{d} l{n}" for s, f, d, n in shapes
+                                                if s == size)
+                    for size in sorted({s for s, *_ in shapes}))
+  n = len(runs)
+  if sweep == "first_seed":
+    n = sum(r.seed == cfg.seeds[0] for r in runs) + len(
+        {(r.family, r.size, r.seq_len) for r in runs}) * (len(cfg.seeds) - 1)
+  log.info("%s: %s matched on %s (%s); seeds %s; %d runs, %d at a time -> %s", cfg.name,
+           ", ".join(cfg.families), cfg.match, sizes, tuple(cfg.seeds), n, cfg.parallel,
+           Path(workdir).absolute())
 
 
 def _execute(cfg, runs, workdir):
@@ -170,12 +186,13 @@ def _execute(cfg, runs, workdir):
       continue
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "request.json").write_text(json.dumps(request, indent=1))
-    pending.append((lm_flops(run.model, config.task.seq_len)["total"], run_dir))
+    label = f"[{i + 1}/{len(runs)}] {run.name}"
+    pending.append((lm_flops(run.model, config.task.seq_len)["total"], label, run_dir))
   # the costliest first, so that no core idles at the end waiting on one long run
-  pending = [run_dir for _, run_dir in sorted(pending, key=lambda p: -p[0])]
+  pending = [(label, run_dir) for _, label, run_dir in sorted(pending, key=lambda p: -p[0])]
   if cfg.parallel <= 1:
-    for run_dir in pending:
-      log.info("%s", run_dir.name)
+    for label, run_dir in pending:
+      log.info("%s", label)
       run_one(run_dir)
   else:
     _run_in_parallel(pending, cfg.parallel)
@@ -183,7 +200,7 @@ def _execute(cfg, runs, workdir):
           for r in runs]
 
 
-def _run_in_parallel(run_dirs, parallel):
+def _run_in_parallel(labelled_run_dirs, parallel):
   """Each run in its own process, with its own share of the devices (GPUs) or of the
   cores (CPU: XLA runs small models' ops on one core nearly as fast as on two)."""
   import jax
@@ -194,7 +211,7 @@ def _run_in_parallel(run_dirs, parallel):
   on_gpu = jax.default_backend() == "gpu"
   units = [d.id for d in jax.local_devices()] if on_gpu else sorted(os.sched_getaffinity(0))
   share = max(1, len(units) // parallel)
-  queue, active = list(run_dirs), []
+  queue, active = list(labelled_run_dirs), []
   while queue or active:
     while queue and len(active) < parallel:
       slot = next(i for i in range(parallel) if i not in [s for s, _, _ in active])
@@ -206,8 +223,8 @@ def _run_in_parallel(run_dirs, parallel):
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, mine))
       else:
         pin = lambda cores=tuple(mine): os.sched_setaffinity(0, cores)
-      run_dir = queue.pop(0)
-      log.info("%s (in parallel)", run_dir.name)
+      label, run_dir = queue.pop(0)
+      log.info("%s (in parallel)", label)
       cmd = [sys.executable, "-c", f"from ssm.compare import run_one; run_one({str(run_dir)!r})"]
       active.append((slot, run_dir, subprocess.Popen(cmd, env=env, preexec_fn=pin)))
     time.sleep(0.5)

@@ -38,7 +38,10 @@ def base():
   ))
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.checkpoint = mlc.ConfigDict(dict(every=500, keep=2, best_metric="eval/loss",
-                                     best_mode="min", async_save=True))
+                                     best_mode="min", async_save=True,
+                                     # True: resume a workdir whose checkpoints were
+                                     # trained with another model, task or optimizer
+                                     resume_changed=False))
   c.wandb = mlc.ConfigDict(dict(mode="auto", project="ssm", entity="", group="", job_type="",
                                 name="", tags=()))
   c.distributed = mlc.ConfigDict(dict(auto=False, coordinator_address="", num_processes=1,

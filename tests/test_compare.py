@@ -148,9 +148,10 @@ def test_each_reproduction_runs_end_to_end(name, tmp_path):
   assert plan(paper)
 
 
-def test_first_seed_sweep_runs_other_seeds_at_its_best_rate(monkeypatch, tmp_path):
+def test_first_seed_sweep_runs_other_seeds_at_its_best_rate(monkeypatch, tmp_path, caplog):
   """lr_sweep="first_seed": every rate at seed 0, then seeds 1 and 2 only at the rate
-  that was best at seed 0, per (family, size); the table reports that rate."""
+  that was best at seed 0, per (family, size); the table reports that rate. One line
+  says the plan first."""
   import ssm.compare as sc
   cfg = load_config_file(CONFIG)
   cfg.sizes, cfg.seeds, cfg.lr_sweep = (64,), (0, 1, 2), "first_seed"
@@ -167,8 +168,11 @@ def test_first_seed_sweep_runs_other_seeds_at_its_best_rate(monkeypatch, tmp_pat
                  evals={}) for r in runs]
 
   monkeypatch.setattr(sc, "_execute", fake_execute)
-  results = sc.execute(cfg, tmp_path)
+  with caplog.at_level("INFO", logger="ssm.compare"):
+    results = sc.execute(cfg, tmp_path)
   first, rest = batches
+  assert "attention, mamba matched on width (ref 64: attention d64 l2, mamba d64 l2); " \
+         f"seeds (0, 1, 2); 9 runs, 2 at a time -> {tmp_path}" in caplog.text
   assert {(r.family, r.lr) for r in first} == {("attention", 1e-3), ("attention", 3e-3),
                                               ("attention", 1e-2), ("mamba", 1e-3),
                                               ("mamba", 3e-3)}

@@ -229,12 +229,19 @@ def test_rerun_with_another_model_is_an_error_and_other_changes_a_warning(tmp_pa
   train(_in_process_config(steps=4), tmp_path)
   c = _in_process_config(steps=4)
   c.model.d_model = 48
-  with pytest.raises(ValueError, match="holds a run of another model or task: model.d_model"):
+  with pytest.raises(ValueError, match="another model, task or optimizer: model.d_model"):
     train(c, tmp_path)
+  with pytest.raises(ValueError, match="train.lr differ"):
+    train(_in_process_config(steps=4, lr=1e-2), tmp_path)
+  assert losses(tmp_path)[1] == list(range(1, 5))  # the run is still there, untouched
   with caplog.at_level("WARNING", logger="ssm.train"):
     train(_in_process_config(steps=6), tmp_path)
   assert "with changed train.steps" in caplog.text
   assert losses(tmp_path)[1] == list(range(1, 7))
+  forced = _in_process_config(steps=8, lr=1e-2)
+  forced.checkpoint.resume_changed = True
+  train(forced, tmp_path)
+  assert losses(tmp_path)[1] == list(range(1, 9))
 
 
 def _in_process_config(**train):

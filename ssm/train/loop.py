@@ -48,6 +48,11 @@ def setup_distributed(cfg):
       log.info("no cluster detected (%s); running as one process", e)
 
 
+# train keys that change what the steps already taken mean
+OPTIMIZER_KEYS = ("lr", "b1", "b2", "eps", "weight_decay", "decay_embeddings", "clip_norm",
+                  "schedule", "warmup_steps", "min_lr_ratio")
+
+
 class Trainer:
   """Builds everything a run needs from its config; `run()` trains."""
 
@@ -163,19 +168,21 @@ class Trainer:
       checkpointer.close()
 
   def _check_same_run(self):
-    """A workdir with checkpoints holds one run: another model or task there is an
-    error (its checkpoints would not fit, or would mean something else); other changed
-    keys are a warning (they apply from the resumed step on)."""
+    """A workdir with checkpoints holds one run: another model, task, seed or optimizer
+    there is an error (its checkpoints would not fit, or would mean something else)
+    unless checkpoint.resume_changed; other changed keys (train.steps, the mesh, ...)
+    are a warning: they apply from the resumed step on."""
     old_path = self.workdir / "config.json"
     if not old_path.exists() or not (self.workdir / "checkpoints").exists():
       return
     old, new = json.loads(old_path.read_text()), json.loads(self.config.to_json_best_effort())
-    changed = _differences(old, new)
-    fatal = [k for k in changed if k.split(".")[0] in ("model", "task", "seed")]
-    if fatal:
-      raise ValueError(f"{self.workdir} holds a run of another model or task: {', '.join(fatal)} "
-                       "differ from its config.json; give this run a new --workdir (or delete "
-                       "that one to start again)")
+    changed = [k for k in _differences(old, new) if k != "checkpoint.resume_changed"]
+    fatal = [k for k in changed if k.split(".")[0] in ("model", "task", "seed")
+             or k in {f"train.{o}" for o in OPTIMIZER_KEYS}]
+    if fatal and not self.config.checkpoint.resume_changed:
+      raise ValueError(f"{self.workdir} holds a run of another model, task or optimizer: "
+                       f"{', '.join(fatal)} differ from its config.json; give this run a new "
+                       "--workdir, or set checkpoint.resume_changed=True to resume it anyway")
     if changed:
       log.warning("resuming %s with changed %s (from the resumed step on)", self.workdir,
                   ", ".join(changed))
