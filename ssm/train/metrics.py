@@ -53,9 +53,10 @@ class MetricsWriter:
     self.main = jax.process_index() == 0
     self.path = Path(workdir) / "metrics.jsonl"
     self.wandb = None
-    self.bar = tqdm.tqdm(total=total_steps, initial=start_step, disable=not self.main,
-                         dynamic_ncols=True, mininterval=2.0, desc="train")
+    bar = lambda: tqdm.tqdm(total=total_steps, initial=start_step, disable=not self.main,
+                            dynamic_ncols=True, mininterval=2.0, desc="train")
     if not self.main:
+      self.bar = bar()
       return
     if self.path.exists():
       rows = [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
@@ -74,6 +75,7 @@ class MetricsWriter:
       where = self.wandb.dir if mode == "offline" else self.wandb.url
       log.info("W&B %s run %s: %s%s", mode, run_id, where,
                f" (upload: wandb sync {Path(self.wandb.dir).parent})" if mode == "offline" else "")
+    self.bar = bar()  # after that line, which would otherwise run into the bar
 
   def write(self, step, metrics):
     if not self.main:
