@@ -123,36 +123,30 @@ def test_mesh_sizes():
 
 # --- on 8 fake devices ------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def eight_devices():
+def test_on_eight_devices_a_sharded_mamba_moves_no_activations():
+  """One subprocess with 8 fake devices (data=fsdp=tensor=2), three checks:
+  - a Mamba layer's compiled forward+backward, for each scan backend, moves no
+    (batch, length, ...) tensor between devices and equals one device's;
+  - the whole train step of a Mamba LM (grad accumulation, embedding, tied head, loss)
+    moves nothing inside the Mamba layers (their ops are named "mamba"): what moves at
+    all are the loss's per-shard maxima over the vocabulary, (B, L, tensor=2); and XLA
+    never falls back to replicating a tensor to reshard it (what the old x | z split of
+    in_proj made it do);
+  - every microbatch of the accumulation is split over all data devices, so splitting
+    the batch into microbatches moves nothing."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
                        timeout=900, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-3000:]
-  return dict(json.loads(out.stdout.strip().splitlines()[-1]), stderr=out.stderr)
-
-
-@pytest.mark.parametrize("impl", ["reference", "chunked", "pallas"])
-def test_sharded_mamba_layer_moves_no_activations_and_equals_one_device(eight_devices, impl):
-  check = eight_devices["layer"][impl]
-  assert check["moved"] == [], check["moved"]  # (batch, length, ...) tensors between devices
-  assert check["error"] < 1e-5  # output and gradients, relative to one device's
-
-
-def test_sharded_mamba_train_step_moves_no_layer_activations(eight_devices):
-  """The whole train step (grad accumulation, embedding, tied head, loss) of a Mamba LM
-  on data=fsdp=tensor=2: inside the Mamba layers (their ops are named "mamba") no
-  (batch, length, ...) tensor changes device, and XLA never falls back to replicating
-  a tensor to reshard it (what the old x | z split of in_proj made it do)."""
-  assert [line for line in eight_devices["step"] if "mamba" in line] == []
-  # What moves at all: the loss's per-shard maxima over the vocabulary, (B, L, tensor=2).
-  assert all(re.search(rf"\[\d+,{L},2\]", line) for line in eight_devices["step"])
-  assert "Involuntary full rematerialization" not in eight_devices["stderr"]
-
-
-def test_every_microbatch_is_split_over_all_data_devices(eight_devices):
-  assert eight_devices["microbatches"] == []
+  checks = json.loads(out.stdout.strip().splitlines()[-1])
+  for impl, check in checks["layer"].items():
+    assert check["moved"] == [], (impl, check["moved"])
+    assert check["error"] < 1e-5, impl  # output and gradients, relative to one device's
+  assert [line for line in checks["step"] if "mamba" in line] == []
+  assert all(re.search(rf"\[\d+,{L},2\]", line) for line in checks["step"]), checks["step"]
+  assert "Involuntary full rematerialization" not in out.stderr
+  assert checks["microbatches"] == []
 
 
 def moved(hlo, length):
