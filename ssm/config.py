@@ -10,6 +10,7 @@ from pathlib import Path
 import ml_collections as mlc
 
 from ssm.data import tasks
+from ssm.data.base import LOOP_FIELDS
 from ssm.data.pipeline import SOURCES, task_class
 from ssm.fields import check_keys, require
 from ssm.layers import MambaConfig
@@ -79,9 +80,7 @@ def model_config(config):
   return mlc.ConfigDict(dict(kind=kind, **dataclasses.asdict(config)))
 
 
-# Every task name, and the fields the loop fills in itself (make_task, Pipeline.from_config).
 TASK_NAMES = (*tasks.TASKS, *SOURCES)
-LOOP_FIELDS = {"name", "batch_size", "seed"}
 
 
 def task_config(name, **fields):

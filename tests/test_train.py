@@ -242,6 +242,11 @@ def test_rerun_with_another_model_is_an_error_and_other_changes_a_warning(tmp_pa
   forced.checkpoint.resume_changed = True
   train(forced, tmp_path)
   assert losses(tmp_path)[1] == list(range(1, 9))
+  # a start that saved nothing (config.json and an empty checkpoints/) holds no run yet
+  failed = tmp_path.parent / "failed"
+  (failed / "checkpoints").mkdir(parents=True)
+  (failed / "config.json").write_text((tmp_path / "config.json").read_text())
+  train(c, failed)  # another model: fine, there was nothing to resume
 
 
 def _in_process_config(**train):

@@ -2,6 +2,9 @@
 
 from ssm.fields import from_dict
 
+# The fields of a task that are not in config.task: the loop fills them in.
+LOOP_FIELDS = frozenset({"name", "batch_size", "seed"})
+
 
 class Pipeline:
   """What the loop reads: `kind` ("lm": token batches; "image": image batches),

@@ -11,7 +11,8 @@ import random
 
 import numpy as np
 
-from ssm.fields import check_keys
+from ssm.data.base import LOOP_FIELDS
+from ssm.fields import check_keys, from_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,6 +302,6 @@ def make_task(config, batch_size, seed):
   if name not in TASKS:
     raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
   cls = TASKS[name]
-  valid = {f.name for f in dataclasses.fields(cls)} - {"name", "batch_size", "seed"}
-  check_keys(fields, valid, f"task {name!r}")
-  return cls(name=name, batch_size=batch_size, seed=seed, **fields)
+  check_keys(fields, {f.name for f in dataclasses.fields(cls)} - LOOP_FIELDS, f"task {name!r}")
+  return from_dict(cls, dict(fields, name=name, batch_size=batch_size, seed=seed),
+                   f"task {name!r}")

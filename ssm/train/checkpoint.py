@@ -1,4 +1,4 @@
-"""Checkpoints with orbax: the train state (model, optimizer state, step, PRNG key)
+"""Checkpoints with orbax: the train state (model, optimizer state, step, first bad step)
 and the input pipeline's position, saved asynchronously every N steps and at the
 end; the last K are kept, and the best by an eval metric. Restore goes onto the
 current mesh, whatever mesh wrote the checkpoint.

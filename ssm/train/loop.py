@@ -172,9 +172,10 @@ class Trainer:
     there is an error (its checkpoints would not fit, or would mean something else)
     unless checkpoint.resume_changed; other changed keys (train.steps, the mesh, ...)
     are a warning: they apply from the resumed step on."""
-    old_path = self.workdir / "config.json"
-    if not old_path.exists() or not (self.workdir / "checkpoints").exists():
-      return
+    old_path, steps = self.workdir / "config.json", self.workdir / "checkpoints"
+    if not old_path.exists() or not any(p.name.isdigit() for p in
+                                        (steps.iterdir() if steps.exists() else ())):
+      return  # nothing saved yet (a first start, or one that failed): nothing to keep
     old, new = json.loads(old_path.read_text()), json.loads(self.config.to_json_best_effort())
     changed = [k for k in _differences(old, new) if k != "checkpoint.resume_changed"]
     fatal = [k for k in changed if k.split(".")[0] in ("model", "task", "seed")
