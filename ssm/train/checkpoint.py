@@ -17,11 +17,15 @@ import re
 import time
 from pathlib import Path
 
+from flax import nnx
 import jax
 from jax.experimental import multihost_utils
+import ml_collections as mlc
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from ssm.models import build, config_from_dict
 
 log = logging.getLogger("ssm.train")
 
@@ -167,3 +171,33 @@ def abstract(tree):
   """ShapeDtypeStructs with the arrays' shardings: the restore target."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                       tree)
+
+
+def load_model(workdir, step=None, best=False):
+  """(model, run config, step) of a finished or running ssm-train run: the model its
+  config.json builds, with the parameters of checkpoint `step` (default the newest;
+  `best`: the best by checkpoint.best_metric), on this process's default device. For
+  generation and analysis; training resumes through the loop instead."""
+  workdir = Path(workdir).absolute()
+  if not (workdir / "config.json").exists():
+    raise FileNotFoundError(f"{workdir} has no config.json: give the --workdir of an "
+                            "ssm-train run")
+  config = mlc.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  model_config = config_from_dict(config.model)
+  options = ocp.CheckpointManagerOptions(best_fn=(lambda m: m[config.checkpoint.best_metric])
+                                         if best else None,
+                                         best_mode=config.checkpoint.get("best_mode", "max"))
+  with ocp.CheckpointManager(workdir / "checkpoints", options=options) as manager:
+    steps = manager.all_steps()
+    if step is None:
+      step = manager.best_step() if best else manager.latest_step()
+    if step is None or step not in steps:
+      raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoint "
+                              f"{'of step ' + str(step) if step is not None else 'saved yet'}"
+                              f" (saved steps: {sorted(steps) or 'none'})")
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: build(model_config,
+                                                                    rngs=nnx.Rngs(0))))
+  params = jax.tree.map(jax.numpy.asarray, restored["state"]["params"])
+  nnx.replace_by_pure_dict(abstract_state, params)
+  return nnx.merge(graphdef, abstract_state), config, step
