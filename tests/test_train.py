@@ -411,3 +411,16 @@ def test_best_checkpoint_is_ranked_only_by_an_eval_of_its_own_step(tmp_path):
   assert manager.metrics(3) is None  # step 3 had no eval: it does not compete for best
   for step in (6, 8):
     assert manager.metrics(step) == {"eval/loss": pytest.approx(evals[step])}
+  # load_model: the run's model with a checkpoint's parameters (the newest, a step, the best)
+  import optax
+  from flax import nnx
+  from ssm.train.checkpoint import load_model
+  model, config, step = load_model(tmp_path)
+  assert step == 8 and config.model.d_model == 32
+  norm = float(optax.tree.norm(nnx.to_pure_dict(nnx.state(model))))
+  assert norm == pytest.approx(rows[-1]["param_norm"], rel=1e-6)  # step 8's, as the loop logged it
+  assert load_model(tmp_path, best=True)[2] == min((6, 8), key=evals.get)
+  with pytest.raises(FileNotFoundError, match="no checkpoint of step 5"):
+    load_model(tmp_path, step=5)
+  with pytest.raises(FileNotFoundError, match="has no config.json"):
+    load_model(tmp_path / "checkpoints")
