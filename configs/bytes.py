@@ -5,6 +5,7 @@ enough for a 2-core CPU:
 
   ssm-train --config configs/bytes.py:mamba --workdir runs/bytes-mamba
   ssm-train --config configs/bytes.py:transformer --workdir runs/bytes-tpp
+  ssm-train --config configs/bytes.py:mamba2 --workdir runs/bytes-mamba2
 
 Another local file: --config.task.path=my.txt (a glob or a directory also works;
 --config.task.doc_separator='\\n\\n' splits files into documents). A tfds dataset,
@@ -26,6 +27,7 @@ ARCHS = {
     "mamba": dict(pattern="M", n_layer=4),
     "transformer": dict(pattern="A", n_layer=2, mlp="swiglu", d_intermediate=256),
     "hybrid": dict(pattern="MMMA", n_layer=4),
+    "mamba2": dict(pattern="S", n_layer=4),  # the official Mamba-2 mixer (d_state 128)
 }
 
 

@@ -5,6 +5,7 @@ Transformer++ or hybrid model, small enough to train on a 2-core CPU in minutes.
   ssm-train --config configs/mqar.py:transformer --workdir runs/mqar-tpp
   ssm-train --config configs/mqar.py:hybrid --workdir runs/mqar-hybrid
   ssm-train --config configs/mqar.py:mamba --workdir runs/mqar-mamba
+  ssm-train --config configs/mqar.py:mamba2 --workdir runs/mqar-mamba2
 
 `attention` is Zoology's attention baseline (one head, blocks without MLPs, as all of
 Zoology's MQAR models); `transformer` is Transformer++ (four heads and a SwiGLU MLP).

@@ -3,6 +3,8 @@
 A sweep over architectures x sizes x seeds x learning rates on one task, every run
 through the shared loop. For each reference size, the other architectures are
 matched to it on parameters or on training FLOPs per token (ssm.flops.match).
+Image families (ViT, ViT with registers, Vision Mamba, with registers) are matched
+the same way, on parameters or training FLOPs per image (ssm.flops.match_vision).
 Finished runs are skipped and interrupted ones resume, so rerunning the command
 finishes the sweep. The best learning rate per (architecture, size) is reported,
 as Zoology does. At the end: results.csv, results.md and plots in the workdir.
@@ -23,8 +25,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from ssm.fields import check_keys
-from ssm.flops import family_config, lm_flops, lm_params, match
-from ssm.models import config_from_dict
+from ssm.flops import (VISION_FAMILIES, family_config, lm_flops, lm_params, match, match_vision,
+                       vision_config, vision_flops, vision_params)
+from ssm.models import LMConfig, config_from_dict
 from ssm.report import best_rows, plot, write_tables
 from ssm.train import train
 from ssm.config import command, load_config_file, model_config
@@ -39,7 +42,7 @@ class Run:
   size: int  # the reference width this run is matched to
   seed: int
   lr: float
-  model: object  # LMConfig
+  model: object  # LMConfig, or ViTConfig / VimConfig for image families
   seq_len: int = 0  # 0: the task's own
 
   @property
@@ -53,6 +56,8 @@ def plan(cfg):
   """Every run of the sweep, its model matched to the reference at its size (and, when
   matching on FLOPs, at each swept length: attention's FLOPs grow with it)."""
   base = base_config(cfg)
+  if _vision(cfg):
+    return _plan_vision(cfg, base)
   vocab = base.model.vocab_size
   runs = []
   for size in cfg.sizes:
@@ -65,6 +70,53 @@ def plan(cfg):
           for lr in learning_rates(cfg, family):
             runs.append(Run(family, size, seed, lr, model, seq_len))
   return runs
+
+
+def _vision(cfg):
+  """Whether the comparison is of image families; they do not mix with LMs."""
+  families = set(cfg.families) | {cfg.reference.family}
+  vision = families & set(VISION_FAMILIES)
+  if vision and vision != families:
+    raise ValueError(f"families {sorted(families)} mix image families ({', '.join(VISION_FAMILIES)})"
+                     " with language-model ones: compare each kind apart")
+  return bool(vision)
+
+
+def _plan_vision(cfg, base):
+  """As `plan`, for image families on the base config's images (its model gives the
+  image size, patch size, channels and classes)."""
+  if cfg.seq_lens:
+    raise ValueError("seq_lens applies to language models; image families have none: "
+                     "set --config.seq_lens='()'")
+  like = config_from_dict(base.model)
+  runs = []
+  for size in cfg.sizes:
+    ref = vision_config(cfg.reference.family, size, cfg.reference.n_layer, like)
+    for family in cfg.families:
+      model = ref if family == cfg.reference.family else _matched_vision(cfg, family, ref, like)
+      for seed in cfg.seeds:
+        for lr in learning_rates(cfg, family):
+          runs.append(Run(family, size, seed, lr, model))
+  return runs
+
+
+def _matched_vision(cfg, family, ref, like):
+  """`family` matched to `ref` on cfg.match ("width": the reference's width and depth);
+  a Vision Mamba near twice the reference ViT's depth, as Vim pairs with DeiT."""
+  if cfg.match == "width":
+    return vision_config(family, ref.d_model, ref.n_layer, like)
+  target = vision_params(ref) if cfg.match == "params" else 3 * vision_flops(ref)["total"]
+  vim, ref_vim = family.startswith("vim"), cfg.reference.family.startswith("vim")
+  hint = cfg.reference.n_layer * (2.0 if vim and not ref_vim else
+                                  0.5 if ref_vim and not vim else 1.0)
+  model, _, mismatch = match_vision(family, target, criterion=cfg.match, like=like,
+                                    depth_hint=hint,
+                                    depth=cfg.reference.n_layer if cfg.same_depth else None)
+  if abs(mismatch) > cfg.tolerance:
+    raise ValueError(f"{family} cannot be matched to {cfg.reference.family} d_model "
+                     f"{ref.d_model} within {cfg.tolerance:.0%} ({mismatch:+.1%}); try another "
+                     "size, or free the depth with --config.same_depth=False")
+  return model
 
 
 def learning_rates(cfg, family):
@@ -149,7 +201,7 @@ def execute(cfg, workdir):
   results = _execute(cfg, first, workdir)
   best = {(r["family"], r["size"], r["seq_len"]): r["lr"]
           for r in best_rows(results, cfg.select.metric, cfg.select.mode)}
-  task_len = base_config(cfg).task.seq_len
+  task_len = base_config(cfg).task.get("seq_len", 0)  # images: none
   rest = [r for r in runs if r.seed != cfg.seeds[0]
           and r.lr == best[(r.family, r.size, r.seq_len or task_len)]]
   return results + _execute(cfg, rest, workdir)
@@ -187,7 +239,7 @@ def _execute(cfg, runs, workdir):
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "request.json").write_text(json.dumps(request, indent=1))
     label = f"[{i + 1}/{len(runs)}] {run.name}"
-    pending.append((lm_flops(run.model, config.task.seq_len)["total"], label, run_dir))
+    pending.append((_train_flops(run.model, config.task.get("seq_len")), label, run_dir))
   # the costliest first, so that no core idles at the end waiting on one long run
   pending = [(label, run_dir) for _, label, run_dir in sorted(pending, key=lambda p: -p[0])]
   if cfg.parallel <= 1:
@@ -237,6 +289,13 @@ def _run_in_parallel(labelled_run_dirs, parallel):
                              f"output above; rerun the comparison to resume it")
 
 
+def _train_flops(model, seq_len):
+  """Training FLOPs per token (LMs, at seq_len) or per image: 3x the forward."""
+  if isinstance(model, LMConfig):
+    return 3 * lm_flops(model, seq_len)["total"]
+  return 3 * vision_flops(model)["total"]
+
+
 def run_one(run_dir):
   """Trains the run described by run_dir/request.json and writes run_dir/result.json."""
   run_dir = Path(run_dir)
@@ -246,6 +305,8 @@ def run_one(run_dir):
   model = config_from_dict(c.model)
   final = train(c, run_dir)
   metrics = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  if not isinstance(model, LMConfig):
+    return _image_result(run_dir, run, c, model, final, metrics)
   seq_len, steps = c.task.seq_len, metrics[-1]["step"]  # fewer than train.steps if stopped early
   tokens = steps * c.train.batch_size * seq_len
   result = dict(
@@ -258,6 +319,23 @@ def run_one(run_dir):
       # every eval metric, e.g. accuracy at the task's other lengths (eval/accuracy@1024)
       evals={k[len("eval/"):]: v for k, v in final.items() if k.startswith("eval/")})
   result["train_flops"] = result["train_flops_per_token"] * tokens
+  (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+
+
+def _image_result(run_dir, run, c, model, final, metrics):
+  """result.json of an image run: parameters, training FLOPs per image, images/s."""
+  steps = metrics[-1]["step"]
+  images = steps * c.train.batch_size
+  speeds = [m["images_per_sec"] for m in metrics[1:] or metrics if "images_per_sec" in m]
+  result = dict(
+      family=run["family"], size=run["size"], seed=run["seed"], lr=run["lr"],
+      d_model=model.d_model, n_layer=model.n_layer, registers=model.num_registers,
+      params=vision_params(model), train_flops_per_image=_train_flops(model, None), steps=steps,
+      images=images, seq_len=0, eval_loss=final.get("eval/loss", float("nan")),
+      eval_accuracy=final.get("eval/accuracy", float("nan")),
+      images_per_sec=statistics.median(speeds) if speeds else float("nan"),
+      evals={k[len("eval/"):]: v for k, v in final.items() if k.startswith("eval/")})
+  result["train_flops"] = result["train_flops_per_image"] * images
   (run_dir / "result.json").write_text(json.dumps(result, indent=1))
 
 
@@ -296,9 +374,11 @@ shared loop; rerunning finishes an interrupted one.
   ssm-compare --config configs/compare/mqar.py                  # Zoology's Figure 2, CPU size
   ssm-compare --config configs/compare/mqar.py:paper            # the paper's own setting
   ssm-compare --config configs/compare/bytes.py --config.seeds='(0,1,2)'
+  ssm-compare --config configs/compare/images.py                # ViT / +registers / Vim
 
 --config  a comparison file (configs/compare/*.py: mqar, induction_heads, selective_copy,
-          bytes); ARG "paper" where it has the paper's setting
+          bytes, images); ARG "paper" where it has the paper's setting (images: cifar10,
+          imagenet)
 --workdir where it all goes (default runs/<comparison name>): runs/<run>/ (each a
           ssm-train workdir), results.csv, results.md, accuracy.png, loss.png
 

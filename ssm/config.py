@@ -171,9 +171,11 @@ def _check_key(config, dotted):
 
 # The families of the synthetic-task configs, at Zoology's MQAR size (two layers of
 # width 64): Mamba, Transformer++, attention without MLPs (Zoology's attention
-# baseline) and a Mamba + attention hybrid.
+# baseline), a Mamba + attention hybrid and Mamba-2 (the official mixer: d_state
+# 128, headdim 64, so 2 heads at width 64).
 SMALL_LMS = {
     "mamba": dict(pattern="M"),
+    "mamba2": dict(pattern="S"),
     "transformer": dict(pattern="A", mlp="swiglu", d_intermediate=128),
     "attention": dict(pattern="A", attention=AttentionConfig(n_heads=1)),
     "hybrid": dict(pattern="MA"),

@@ -20,6 +20,7 @@ from ssm.models import LMConfig, ViTConfig, build
 from ssm.scan import selective_scan
 
 SCAN_FLOPS = 9  # per (token, channel, state): exp(delta A), the update, <h, C>
+GATED_NORM_FLOPS = 6  # per channel: Mamba-2's y * silu(z), then the RMSNorm
 
 
 def abstract_model(config):
@@ -48,6 +49,27 @@ def _mamba_dims(d_model, m):
   return E, R, m.d_state, m.d_conv
 
 
+def _mamba2_dims(d_model, m):
+  """(E, H, P, G, N, K, X): d_inner, heads, headdim, groups, state, conv width and
+  conv channels of a Mamba-2 mixer."""
+  E, H, X = m.dims(d_model)
+  return E, H, m.headdim, m.ngroups, m.d_state, m.d_conv, X
+
+
+def ssd_flops(d_model, m, seq_len):
+  """Forward FLOPs per token of the chunked SSD (ssm.scan.ssd) at chunk T = min(chunk
+  size, seq_len), the matmuls in full (masked, as computed), padded steps included:
+  C B^T per group (2 T N G), the masked decay and dt on it (3 T per head), its product
+  with x (2 T P per head), each chunk's state and the read-out of the chunk-start
+  state (2 N P per head each), the chunk recurrence (2 N P / T per head) and the D
+  skip (2 P per head). Exponentials are transcendentals, not counted."""
+  E, H, P, G, N, _, _ = _mamba2_dims(d_model, m)
+  T = min(m.chunk_size, seq_len)
+  padded = -(-seq_len // T) * T / seq_len
+  per_token = 2 * T * N * G + H * (3 * T + 2 * T * P + 4 * N * P + 2 * N * P / T + 2 * P)
+  return round(padded * per_token)
+
+
 def _attn_dims(d_model, a: AttentionConfig):
   H = a.n_heads
   return H, a.n_kv_heads or H, a.head_dim or d_model // H
@@ -65,6 +87,13 @@ def _layer_terms(c: LMConfig, kind):
     params += (2 * E + D) * c.mamba.bias
     matmul += w
     extra += 2 * K * E + SCAN_FLOPS * E * N
+  elif kind == "S":  # Mamba-2; the SSD's FLOPs depend on the length: see lm_flops
+    E, H, P, G, N, K, X = _mamba2_dims(D, c.mamba2)
+    d_in_proj = 2 * E + 2 * G * N + H
+    w = D * d_in_proj + E * D
+    params += w + K * X + X * c.mamba2.conv_bias + 3 * H + E + (d_in_proj + D) * c.mamba2.bias
+    matmul += w
+    extra += 2 * K * X + GATED_NORM_FLOPS * E
   else:
     H, G, Kh = _attn_dims(D, c.attention)
     w = D * H * Kh + 2 * D * G * Kh + H * Kh * D
@@ -99,6 +128,11 @@ def lm_flops(c: LMConfig, seq_len, causal_half=False):
       terms["scan"] += SCAN_FLOPS * E * N
       terms["conv"] += 2 * K * E
       terms["norms"] += extra - SCAN_FLOPS * E * N - 2 * K * E
+    elif kind == "S":
+      *_, K, X = _mamba2_dims(c.d_model, c.mamba2)
+      terms["scan"] += ssd_flops(c.d_model, c.mamba2, seq_len)
+      terms["conv"] += 2 * K * X
+      terms["norms"] += extra - 2 * K * X
     else:
       H, _, Kh = _attn_dims(c.d_model, c.attention)
       terms["attention"] += 4 * seq_len * H * Kh // (2 if causal_half else 1)
@@ -184,7 +218,7 @@ def xla_recurrence_flops(channels, state):
 
 # --- matching ---------------------------------------------------------------------
 
-FAMILIES = ("mamba", "transformer++", "hybrid", "attention")
+FAMILIES = ("mamba", "transformer++", "hybrid", "attention", "mamba2")
 SMALL = 256  # below this width attention has 4 heads
 
 
@@ -203,7 +237,8 @@ def family_config(family, d_model, n_layer, vocab_size, like: LMConfig = None, d
   d_model), "hybrid" (Mamba layers with one attention layer in three, "MMA";
   "MA" with two layers) or "attention" (Zoology's attention baseline: one head, no
   MLPs, the blocks sequence mixers only like Mamba's; RoPE where Zoology has learned
-  positions).
+  positions) or "mamba2" (Mamba-2 layers, `like`'s Mamba2Config: the official one by
+  default).
   Widths are multiples of 8; attention heads as `attention_heads`."""
   base = like or LMConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab_size)
   base = dataclasses.replace(base, d_model=d_model, n_layer=n_layer, vocab_size=vocab_size)
@@ -212,6 +247,8 @@ def family_config(family, d_model, n_layer, vocab_size, like: LMConfig = None, d
                               n_kv_heads=None, head_dim=None)
   if family == "mamba":
     return dataclasses.replace(base, pattern="M", mlp="none", d_intermediate=0)
+  if family == "mamba2":
+    return dataclasses.replace(base, pattern="S", mlp="none", d_intermediate=0)
   if family == "transformer++":
     step = 8 if small else 64
     d_ff = d_ff or max(step, round(8 * d_model / 3 / step) * step)
@@ -228,11 +265,15 @@ def family_config(family, d_model, n_layer, vocab_size, like: LMConfig = None, d
 
 
 # The usual width / depth of each family (mamba-130m: 768 / 24; Transformer++-125M: 768 / 12).
-ASPECT = {"mamba": 32, "transformer++": 64, "hybrid": 32, "attention": 32}
+ASPECT = {"mamba": 32, "transformer++": 64, "hybrid": 32, "attention": 32, "mamba2": 32}
 TOLERANCE = 0.02  # among sizes this close to the target, the usual shape wins
 
 
 def _widths(family):
+  if family == "mamba2":  # where the (default) headdim and ngroups divide
+    m = LMConfig.__dataclass_fields__["mamba2"].default
+    return [d for d in range(8, 8193, 8)
+            if (m.expand * d) % m.headdim == 0 and (m.expand * d // m.headdim) % m.ngroups == 0]
   return [d for d in range(8, 8193, 8) if family == "mamba" or attention_heads(d)]
 
 
@@ -270,6 +311,103 @@ def match(family, target, *, criterion="params", seq_len=None, vocab_size, like=
                               else d / (ASPECT[family] * n_layer)))
         mlp_ratio = abs(math.log(c.d_intermediate / (8 * d / 3))) if d_ff else 0.0
         # within tolerance: shape and closeness traded off (1% of error ~ a 1.6x aspect)
+        key = ((0, aspect + mlp_ratio + 50 * err) if err <= TOLERANCE else (1, err))
+        if best is None or key < best[0]:
+          best = (key, c, value, (value - target) / target)
+      if value > 2 * target:
+        break
+  _, c, value, mismatch = best
+  return c, value, mismatch
+
+
+# --- matching vision families -------------------------------------------------------
+
+VISION_FAMILIES = ("vit", "vit+reg", "vim", "vim+reg")
+# The usual width / depth: ViT-S/16 384 / 12, Vim-S 384 / 24 (Vim runs twice ViT's depth).
+VISION_ASPECT = {"vit": 32, "vit+reg": 32, "vim": 16, "vim+reg": 16}
+REGISTERS = 4  # Darcet et al.'s default (and DINOv2-with-registers')
+
+
+def vision_config(family, d_model, n_layer, like=None, d_ff=None, registers=REGISTERS):
+  """A vision model of a family at a size, on `like`'s images (an ImageConfig: image and
+  patch size, channels, classes, and a VimConfig's Mamba settings): "vit" (MLP 4x
+  d_model, heads as `attention_heads`, no registers), "vit+reg" (the same with
+  `registers` register tokens), "vim" (bidirectional Mamba, d_state 16 unless `like` is
+  a Vision Mamba) and "vim+reg". Widths are multiples of 8."""
+  from ssm.models.vim import VimConfig
+  if family not in VISION_FAMILIES:
+    raise ValueError(f"unknown vision family {family!r}; known: {', '.join(VISION_FAMILIES)}")
+  image = {k: getattr(like, k) for k in ("image_size", "patch_size", "channels", "num_classes",
+                                         "dtype")} if like is not None else {}
+  R = registers if family.endswith("+reg") else 0
+  if family.startswith("vit"):
+    extra = ({k: getattr(like, k) for k in ("pool", "layer_scale", "norm_eps", "qkv_bias")}
+             if isinstance(like, ViTConfig) else {})
+    heads = attention_heads(d_model)
+    if heads is None:
+      raise ValueError(f"d_model {d_model}: no attention head count fits (widths are "
+                       "multiples of 8; from 256 up, heads 32-128 wide)")
+    return ViTConfig(d_model=d_model, n_layer=n_layer, n_heads=heads,
+                     d_intermediate=d_ff or 4 * d_model, num_registers=R, **image, **extra)
+  from ssm.layers import MambaConfig
+  mamba = like.mamba if isinstance(like, VimConfig) else MambaConfig(d_state=16)
+  return VimConfig(d_model=d_model, n_layer=n_layer, num_registers=R, mamba=mamba, **image)
+
+
+def vision_params(c):
+  """ViTConfig / VimConfig's exact parameter count, in closed form (tested equal)."""
+  D, P, p = c.d_model, c.grid**2, c.patch_size
+  total = p * p * c.channels * D + D  # the patch embedding
+  total += D * (1 + c.num_registers) + (1 + P) * D  # class, registers, positions
+  total += (D * c.num_classes + c.num_classes) if c.num_classes else 0
+  if isinstance(c, ViTConfig):
+    F = c.d_intermediate
+    layer = 4 * D + 4 * D * D + 4 * D * c.qkv_bias + 2 * D * F + F + D
+    layer += 2 * D * (c.layer_scale is not None)
+    return total + c.n_layer * layer + 2 * D
+  E, Rk, N, K = _mamba_dims(D, c.mamba)
+  m = c.mamba
+  direction = K * E + E * m.conv_bias + E * (Rk + 2 * N) + Rk * E + E + E * N + E
+  layer = D + D * 2 * E + E * D + (2 * E + D) * m.bias + 2 * direction
+  return total + c.n_layer * layer + D
+
+
+def _vision_widths(family):
+  return [d for d in range(8, 8193, 8) if family.startswith("vim") or attention_heads(d)]
+
+
+def match_vision(family, target, *, criterion="params", like=None, depth=None, depth_hint=None,
+                 width=None, registers=REGISTERS):
+  """The size of a vision `family` whose parameters (or training FLOPs per image, 3x
+  the forward) come closest to `target`, on `like`'s images; the search and the
+  choice as `match`'s: widths (multiples of 8) and depths (or only `depth`; then a
+  ViT's MLP width also ranges over 2-6x d_model, as widths alone step too coarsely);
+  among sizes within 2%, the best trade-off of closeness and shape (near `depth_hint`
+  layers, or else the family's usual width / depth). Returns (config, value, relative
+  mismatch)."""
+  if criterion not in ("params", "flops"):
+    raise ValueError(f"criterion {criterion!r}: expected 'params' or 'flops'")
+  if family not in VISION_FAMILIES:
+    raise ValueError(f"unknown vision family {family!r}; known: {', '.join(VISION_FAMILIES)}")
+  measure = (vision_params if criterion == "params"
+             else (lambda c: 3 * vision_flops(c)["total"]))
+  best = None
+  depths = [depth] if depth else range(1, 97)
+  widths = [width] if width else _vision_widths(family)
+  for n_layer in depths:
+    if measure(vision_config(family, widths[0], n_layer, like, registers=registers)) > 2 * target:
+      break  # deeper is only bigger
+    for d in widths:
+      step = 8 if d < SMALL else 64
+      mlp_widths = ([None] if not (depth and family.startswith("vit"))
+                    else range(2 * d, 6 * d + 1, step))
+      for d_ff in mlp_widths:
+        c = vision_config(family, d, n_layer, like, d_ff, registers)
+        value = measure(c)
+        err = abs(value - target) / target
+        aspect = abs(math.log(n_layer / depth_hint if depth_hint
+                              else d / (VISION_ASPECT[family] * n_layer)))
+        mlp_ratio = abs(math.log(c.d_intermediate / (4 * d))) if d_ff else 0.0
         key = ((0, aspect + mlp_ratio + 50 * err) if err <= TOLERANCE else (1, err))
         if best is None or key < best[0]:
           best = (key, c, value, (value - target) / target)

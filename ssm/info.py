@@ -3,25 +3,30 @@
   ssm-info mamba-130m
   ssm-info mamba-370m --seq-len 8192 --match transformer++,hybrid
   ssm-info configs/mqar.py:hybrid
+  ssm-info vit-s16-reg4 --match vit,vim,vim+reg
   ssm-info --list
 """
 
 import argparse
 import sys
 
-from ssm.flops import flops, match, param_count
+from ssm.flops import VISION_FAMILIES, flops, match, match_vision, param_count
 from ssm.models import PRESETS, LMConfig, ViTConfig, config_from_dict, get_preset
 
 
 def architecture(config):
   if isinstance(config, LMConfig):
     mixers = config.layer_mixers
-    kind = {"M": "Mamba LM", "A": "Transformer LM"}.get("".join(sorted(set(mixers))),
-                                                          f"hybrid LM ({mixers})")
+    kind = {"M": "Mamba LM", "S": "Mamba-2 LM", "A": "Transformer LM"}.get(
+        "".join(sorted(set(mixers))), f"hybrid LM ({mixers})")
     parts = [f"d_model {config.d_model}", f"n_layer {config.n_layer}"]
     if "M" in mixers:
       m = config.mamba
       parts.append(f"d_state {m.d_state}, expand {m.expand}, d_conv {m.d_conv}")
+    if "S" in mixers:
+      m = config.mamba2
+      parts.append(f"Mamba-2 d_state {m.d_state}, headdim {m.headdim}, {m.ngroups} group(s), "
+                   f"expand {m.expand}, chunk {m.chunk_size}")
     if "A" in mixers:
       a = config.attention
       parts.append(f"heads {a.n_heads}" + (f" (kv {a.n_kv_heads})" if a.n_kv_heads else "")
@@ -64,11 +69,15 @@ def describe(name, seq_len=None, match_families=()):
   rows.append(("training FLOPs", f"{3 * terms['total']:.4g} {unit} (3x forward; attention "
                                  "counted in full, not the causal half)"))
   for family in match_families:
-    if not isinstance(config, LMConfig):
-      raise ValueError("--match applies to language models")
+    vision = not isinstance(config, LMConfig)
+    if vision != (family in VISION_FAMILIES):
+      raise ValueError(f"--match {family}: a {'vision' if vision else 'language'} model matches "
+                       f"{', '.join(VISION_FAMILIES) if vision else 'language-model'} families")
     for criterion, target in (("params", params), ("flops", 3 * terms["total"])):
-      m, value, mismatch = match(family, target, criterion=criterion, seq_len=seq_len,
-                                 vocab_size=config.vocab_size)
+      m, value, mismatch = (
+          match_vision(family, target, criterion=criterion, like=config) if vision else
+          match(family, target, criterion=criterion, seq_len=seq_len,
+                vocab_size=config.vocab_size))
       rows.append((f"{family} @ {criterion}",
                    f"d_model {m.d_model}, n_layer {m.n_layer}: {value:,.4g} ({mismatch:+.2%})"))
   width = max(len(k) for k, _ in rows)
@@ -83,7 +92,8 @@ def main(argv=None):
   parser.add_argument("--list", action="store_true", help="list the presets")
   parser.add_argument("--seq-len", type=int, help="sequence length for LM FLOPs (default: "
                       "the config's, else 2048)")
-  parser.add_argument("--match", default="", help="families to match, e.g. transformer++,hybrid")
+  parser.add_argument("--match", default="", help="families to match, e.g. transformer++,hybrid "
+                      "(vision models: vit, vit+reg, vim, vim+reg)")
   args = parser.parse_args(argv)
   if args.list or args.name is None:
     print("\n".join(PRESETS))

@@ -38,8 +38,10 @@ def best_rows(rows, metric="eval_loss", mode="min"):
   best = {}
   for (family, size, seq_len, lr), rs in groups.items():
     row = dict(rs[0], seeds=len(rs))
-    for k in ("eval_loss", "eval_accuracy", "tokens_per_sec", "steps", "tokens", "train_flops"):
-      row[k] = statistics.mean(r[k] for r in rs)
+    for k in ("eval_loss", "eval_accuracy", "tokens_per_sec", "steps", "tokens", "train_flops",
+              "images_per_sec", "images"):
+      if k in rs[0]:  # LMs count tokens, image models images
+        row[k] = statistics.mean(r[k] for r in rs)
     for k in ("eval_loss", "eval_accuracy"):
       values = [r[k] for r in rs]
       row.update({f"{k}_std": statistics.pstdev(values), f"{k}_min": min(values),
@@ -58,6 +60,9 @@ def best_rows(rows, metric="eval_loss", mode="min"):
 COLUMNS = ["family", "d_model", "n_layer", "seq_len", "params", "train_flops_per_token", "lr",
            "seeds", "steps", "tokens", "eval_loss", "eval_accuracy", "eval_accuracy_std",
            "eval_accuracy_min", "tokens_per_sec"]
+IMAGE_COLUMNS = ["family", "d_model", "n_layer", "registers", "params", "train_flops_per_image",
+                 "lr", "seeds", "steps", "images", "eval_loss", "eval_accuracy",
+                 "eval_accuracy_std", "eval_accuracy_min", "images_per_sec"]
 
 
 def write_tables(rows, workdir, paper=""):
@@ -69,14 +74,15 @@ def write_tables(rows, workdir, paper=""):
   extra = sorted({k for r in rows for k in r["evals"] if k not in ("loss", "accuracy")
                   and not k.startswith("loss@")}, key=_eval_order)
   rows = [dict(r, **{k: r["evals"].get(k, float("nan")) for k in extra}) for r in rows]
-  columns = COLUMNS + extra
+  columns = (IMAGE_COLUMNS if rows and "images_per_sec" in rows[0] else COLUMNS) + extra
   with (workdir / "results.csv").open("w", newline="") as f:
     writer = csv.DictWriter(f, columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
   fmt = {"params": "{:,}", "train_flops_per_token": "{:.3g}", "tokens": "{:,.0f}", "lr": "{:g}",
          "steps": "{:.0f}", "eval_loss": "{:.4f}", "eval_accuracy": "{:.4f}",
-         "eval_accuracy_std": "{:.4f}", "eval_accuracy_min": "{:.4f}", "tokens_per_sec": "{:,.0f}"}
+         "eval_accuracy_std": "{:.4f}", "eval_accuracy_min": "{:.4f}", "tokens_per_sec": "{:,.0f}",
+         "train_flops_per_image": "{:.3g}", "images": "{:,.0f}", "images_per_sec": "{:,.0f}"}
   fmt.update({k: "{:.4f}" for k in extra})
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   for r in rows:
@@ -102,7 +108,9 @@ def plot(rows, workdir):
   loss.png: eval loss (bits per byte for byte-level text) against training FLOPs and
     against parameters (longest length).
   lengths.png, where the task is evaluated at other lengths: accuracy against the
-    evaluation length per family, at the largest size (Mamba's Table 2)."""
+    evaluation length per family, at the largest size (Mamba's Table 2).
+  For image families accuracy.png is eval accuracy against parameters and against
+    training FLOPs per image instead (matched families sit at one x per size)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -110,6 +118,8 @@ def plot(rows, workdir):
   families = sorted({r["family"] for r in rows})
   lengths = sorted({r["seq_len"] for r in rows})
   paths = []
+  if rows and "images_per_sec" in rows[0]:
+    return plot_images(rows, workdir)
 
   fig, axes = plt.subplots(1, len(lengths), figsize=(4.5 * len(lengths), 3.8), squeeze=False)
   for ax, seq_len in zip(axes[0], lengths):
@@ -169,6 +179,39 @@ def plot(rows, workdir):
     ax.legend()
     fig.tight_layout()
     paths.append(_save(fig, Path(workdir) / "lengths.png"))
+  return paths
+
+
+def plot_images(rows, workdir):
+  """An image comparison's figures: accuracy.png and loss.png, eval accuracy (the
+  seeds' range as error bars) and eval loss against parameters and against training
+  FLOPs per image, one line per family (matched families share an x per size)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  paths = []
+  for metric, label, name in (("eval_accuracy", "eval accuracy", "accuracy.png"),
+                              ("eval_loss", "eval loss", "loss.png")):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for family in sorted({r["family"] for r in rows}):
+      rs = sorted((r for r in rows if r["family"] == family), key=lambda r: r["params"])
+      y = [r[metric] for r in rs]
+      err = [[v - r[f"{metric}_min"] for v, r in zip(y, rs)],
+             [r[f"{metric}_max"] - v for v, r in zip(y, rs)]]
+      for ax, key in zip(axes, ("params", "train_flops_per_image")):
+        ax.errorbar([r[key] for r in rs], y, yerr=err, fmt="o-", capsize=3, label=family)
+    for ax, xlabel, key in zip(axes, ("parameters", "training FLOPs per image"),
+                               ("params", "train_flops_per_image")):
+      values = [r[key] for r in rows]
+      if max(values) > 10 * min(values):
+        ax.set_xscale("log")
+      ax.set_xlabel(xlabel)
+      ax.set_ylabel(label)
+      ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    paths.append(_save(fig, Path(workdir) / name))
   return paths
 
 

@@ -193,3 +193,58 @@ def test_finished_runs_of_another_config_are_an_error_not_reused(tmp_path):
   cfg.overrides.train.warmup_steps = 1  # same run names, another recipe
   with pytest.raises(ValueError, match="another config"):
     run_compare(cfg, tmp_path)
+
+
+# --- image families ------------------------------------------------------------------
+
+IMAGES = str(ROOT / "configs" / "compare" / "images.py")
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.parametrize("setting", ["", ":cifar10", ":imagenet"])
+def test_image_plan_matches_every_vision_family_within_tolerance(setting):
+  """ViT, ViT+registers, Vim and Vim+registers matched to the reference ViT on its
+  images, on parameters and on training FLOPs per image."""
+  from ssm.flops import vision_flops, vision_params
+  cfg = load_config_file(IMAGES + setting)
+  for criterion, measure in (("params", vision_params),
+                             ("flops", lambda c: 3 * vision_flops(c)["total"])):
+    cfg.match = criterion
+    runs = plan(cfg)
+    assert {r.family for r in runs} == {"vit", "vit+reg", "vim", "vim+reg"}
+    ref = next(r.model for r in runs if r.family == "vit")
+    assert ref.d_model == cfg.sizes[0] and ref.n_layer == cfg.reference.n_layer
+    for r in runs:
+      assert abs(measure(r.model) - measure(ref)) / measure(ref) <= 0.02, r.name
+      assert r.model.num_registers == (4 if r.family.endswith("+reg") else 0)
+      assert (r.model.image_size, r.model.patch_size, r.model.num_classes) == (
+          ref.image_size, ref.patch_size, ref.num_classes)
+
+
+def test_image_plan_bad_input():
+  cfg = load_config_file(IMAGES)
+  cfg.families = ("vit", "mamba")
+  with pytest.raises(ValueError, match="mix image families"):
+    plan(cfg)
+  cfg = load_config_file(IMAGES)
+  cfg.seq_lens = (64,)
+  with pytest.raises(ValueError, match="image families have none"):
+    plan(cfg)
+
+
+@pytest.mark.skipif(not FASHION.is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_image_comparison_runs_end_to_end(tmp_path):
+  """The table has the image columns (registers, FLOPs per image, images/s) and the
+  figures plot accuracy against parameters and FLOPs."""
+  cfg = _tiny(load_config_file(IMAGES))
+  cfg.families = ("vit", "vit+reg")
+  _, table, figures = run_compare(cfg, tmp_path)
+  rows = {r["family"]: r for r in csv.DictReader((tmp_path / "results.csv").open())}
+  assert set(rows) == {"vit", "vit+reg"} and "images_per_sec" in table
+  assert rows["vit"]["registers"] == "0" and rows["vit+reg"]["registers"] == "4"
+  for r in rows.values():
+    assert float(r["steps"]) == 2 and float(r["images"]) == 2 * 32
+    assert float(r["images_per_sec"]) > 0 and float(r["train_flops_per_image"]) > 0
+    assert 0 <= float(r["eval_accuracy"]) <= 1
+  assert [Path(f).name for f in figures] == ["accuracy.png", "loss.png"]
+  assert all(Path(f).stat().st_size > 0 for f in figures)

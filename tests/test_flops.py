@@ -107,3 +107,58 @@ def test_matching_within_two_percent(reference, criterion):
       assert config.d_model % config.attention.n_heads == 0
     exact = lm_params(config) if criterion == "params" else 3 * lm_flops(config, 2048)["total"]
     assert exact == value
+
+
+# --- vision families ------------------------------------------------------------------
+
+from ssm.flops import VISION_FAMILIES, match_vision, vision_config, vision_flops, vision_params  # noqa: E402
+
+
+@pytest.mark.parametrize("family", VISION_FAMILIES)
+def test_vision_closed_form_parameter_count_equals_the_model(family):
+  like = ViTConfig(image_size=32, patch_size=4, channels=3, num_classes=10)
+  for d_model, n_layer in [(64, 2), (264, 3)]:
+    c = vision_config(family, d_model, n_layer, like)
+    assert c.num_registers == (4 if family.endswith("+reg") else 0)
+    assert (c.image_size, c.patch_size, c.channels, c.num_classes) == (32, 4, 3, 10)
+    assert vision_params(c) == param_count(c)
+
+
+def test_vision_closed_form_for_odd_configs():
+  like = ViTConfig(image_size=32, patch_size=8, channels=1, num_classes=0)
+  for c in [dataclasses.replace(vision_config("vit+reg", 48, 2, like), layer_scale=1.0,
+                                qkv_bias=False),
+            VimConfig(image_size=32, patch_size=8, d_model=40, n_layer=3, num_registers=2,
+                      mamba=MambaConfig(d_state=5, dt_rank=3, bias=True, conv_bias=False)),
+            get_preset("vim-tiny"), get_preset("vit-b16-reg4")]:
+    assert vision_params(c) == param_count(c)
+
+
+@pytest.mark.parametrize("reference", ["vit-ti16", "vit-s16", "vit-b16"])
+@pytest.mark.parametrize("criterion", ["params", "flops"])
+def test_vision_matching_within_two_percent(reference, criterion):
+  """Every vision family at three reference sizes, on parameters or training FLOPs
+  per image; the images (size, patch, channels, classes) are the reference's."""
+  ref = PRESETS[reference]
+  measure = (vision_params if criterion == "params"
+             else (lambda c: 3 * vision_flops(c)["total"]))
+  target = measure(ref)
+  for family in VISION_FAMILIES:
+    config, value, mismatch = match_vision(family, target, criterion=criterion, like=ref)
+    assert abs(mismatch) <= 0.02, (family, config.d_model, config.n_layer, mismatch)
+    assert config.d_model % 8 == 0 and measure(config) == value
+    assert (config.image_size, config.patch_size, config.num_classes) == (224, 16, 1000)
+    assert config.num_registers == (4 if family.endswith("+reg") else 0)
+    if family.startswith("vit"):
+      assert config.d_model % config.n_heads == 0
+  # at the reference's own depth a ViT+registers still matches (its MLP width free)
+  config, _, mismatch = match_vision("vit+reg", target, criterion=criterion, like=ref,
+                                     depth=ref.n_layer)
+  assert config.n_layer == ref.n_layer and abs(mismatch) <= 0.02
+
+
+def test_vision_matching_bad_input():
+  with pytest.raises(ValueError, match="unknown vision family 'vit-reg'"):
+    match_vision("vit-reg", 1e6)
+  with pytest.raises(ValueError, match="criterion 'tokens'"):
+    match_vision("vit", 1e6, criterion="tokens")

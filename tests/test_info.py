@@ -50,3 +50,19 @@ def test_config_files(capsys):
   out = capsys.readouterr().out
   assert "hybrid LM (MA)" in out and "per token at length 64" in out
   assert main(["vit-s16", "--match", "mamba"]) == 2
+
+
+def test_vision_matches(capsys):
+  """--match for a vision preset: each vision family on parameters and on training
+  FLOPs per image, within 2%; families of the other kind are an error."""
+  assert main(["vit-s16-reg4", "--match", "vit,vim,vim+reg"]) == 0
+  out = capsys.readouterr().out
+  assert "per image" in out
+  lines = [l for l in out.splitlines() if " @ " in l]
+  assert [l.split(" @ ")[0] for l in lines] == ["vit", "vit", "vim", "vim", "vim+reg", "vim+reg"]
+  for line in lines:
+    assert abs(float(line.split("(")[-1].rstrip("%)"))) <= 2.0
+  assert main(["vit-s16", "--match", "transformer++"]) == 2
+  assert "a vision model matches vit, vit+reg, vim, vim+reg" in capsys.readouterr().err
+  assert main(["mamba-130m", "--match", "vim"]) == 2
+  assert "language model matches language-model families" in capsys.readouterr().err

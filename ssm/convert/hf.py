@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from safetensors.flax import load_file
 
-from ssm.layers import MambaConfig
+from ssm.layers import Mamba2Config, MambaConfig
 from ssm.layers.attention import AttentionConfig
 from ssm.models.lm import LanguageModel, LMConfig
 from ssm.models.vit import ViT, ViTConfig
@@ -25,9 +25,10 @@ from ssm.models.vit import ViT, ViTConfig
 def load_hf(path_or_name, *, dtype="float32", scan_impl="auto", revision=None):
   """Returns the ssm model for a Hugging Face checkpoint.
 
-  Language models (MambaForCausalLM, GPT2LMHeadModel, LlamaForCausalLM):
+  Language models (MambaForCausalLM, Mamba2ForCausalLM, GPT2LMHeadModel,
+  LlamaForCausalLM):
   `model(ids)` gives logits (batch, length, vocab). Vision models (ViTModel,
-  ViTForImageClassification, Dinov2WithRegistersModel) take NHWC images.
+  ViTForImageClassification, Dinov2Model, Dinov2WithRegistersModel) take NHWC images.
   dtype is the compute dtype ("float32" or "bfloat16"); parameters are float32.
   """
   path = _resolve(path_or_name, revision)
@@ -146,6 +147,66 @@ def _mamba_names(param_path, hf, weights):
       ("dt_proj", "bias"): ("dt_proj.bias", _SAME),
       ("A_log",): ("A_log", _SAME),
       ("D",): ("D", _SAME),
+      ("out_proj", "kernel"): ("out_proj.weight", _T),
+      ("out_proj", "bias"): ("out_proj.bias", _SAME),
+  }
+  name, fn = mixer[rest[1:]]
+  return f"{prefix}.mixer.{name}", fn
+
+
+# --- Mamba-2 (transformers' Mamba2ForCausalLM) --------------------------------
+
+def _mamba2_config(hf, weights, *, dtype, scan_impl):
+  if hf.get("hidden_act", "silu") != "silu":
+    raise ValueError(f"hidden_act {hf['hidden_act']!r}: Mamba-2 uses silu")
+  # transformers 5 writes inf into config.json as {"__float__": "Infinity"}
+  as_float = lambda t: float(t["__float__"] if isinstance(t, dict) else t)
+  limit = [as_float(t) for t in hf.get("time_step_limit", (0.0, float("inf")))]
+  if limit != [0.0, float("inf")]:
+    raise ValueError(f"time_step_limit {limit}: only the default (0, inf), no clamp of dt, "
+                     "is supported")
+  if hf.get("rms_norm", True) is False:
+    raise ValueError("rms_norm=False (no gated norm before out_proj) is not supported")
+  d_model, expand = hf["hidden_size"], hf.get("expand", 2)
+  heads, headdim = hf["num_heads"], hf["head_dim"]
+  if heads * headdim != expand * d_model:
+    raise ValueError(f"num_heads * head_dim = {heads * headdim} must equal expand * hidden_size "
+                     f"= {expand * d_model}")
+  eps = hf.get("layer_norm_epsilon", 1e-5)
+  mamba2 = Mamba2Config(
+      d_state=hf.get("state_size", 128), d_conv=hf.get("conv_kernel", 4), expand=expand,
+      headdim=headdim, ngroups=hf.get("n_groups", 1), conv_bias=hf.get("use_conv_bias", True),
+      bias=hf.get("use_bias", False), norm_eps=eps, chunk_size=hf.get("chunk_size", 256),
+      scan_impl=scan_impl)
+  # The checkpoint's vocabulary is taken as it is: no further padding.
+  return LanguageModel, LMConfig(
+      d_model=d_model, n_layer=hf["num_hidden_layers"], vocab_size=hf["vocab_size"],
+      pattern="S", pad_vocab_size_multiple=1, norm_eps=eps,
+      residual_in_fp32=hf.get("residual_in_fp32", True), dtype=dtype,
+      tie_embeddings=hf.get("tie_word_embeddings", False), mamba2=mamba2)
+
+
+def _mamba2_names(param_path, hf, weights):
+  """Our parameter path -> (HF tensor name, how to convert it)."""
+  top = {("embedding", "embedding"): ("backbone.embeddings.weight", _SAME),
+         ("norm_f", "weight"): ("backbone.norm_f.weight", _SAME),
+         ("lm_head", "kernel"): ("lm_head.weight", _T)}
+  if param_path in top:
+    return top[param_path]
+  _, i, *rest = param_path
+  prefix = f"backbone.layers.{i}"
+  rest = tuple(rest)
+  if rest == ("norm", "weight"):
+    return f"{prefix}.norm.weight", _SAME
+  mixer = {
+      ("in_proj", "kernel"): ("in_proj.weight", _T),  # (z, x, B, C, dt) rows, as ours
+      ("in_proj", "bias"): ("in_proj.bias", _SAME),
+      ("conv_weight",): ("conv1d.weight", lambda w: w[:, 0, :].T),  # (X, 1, K) -> (K, X)
+      ("conv_bias",): ("conv1d.bias", _SAME),
+      ("dt_bias",): ("dt_bias", _SAME),
+      ("A_log",): ("A_log", _SAME),
+      ("D",): ("D", _SAME),
+      ("norm", "weight"): ("norm.weight", _SAME),
       ("out_proj", "kernel"): ("out_proj.weight", _T),
       ("out_proj", "bias"): ("out_proj.bias", _SAME),
   }
@@ -288,7 +349,8 @@ def _dinov2_config(hf, weights, *, dtype, scan_impl):
   common = _vision_common(hf, "DINOv2")
   return ViT, ViTConfig(**common, d_intermediate=int(common["d_model"] * hf.get("mlp_ratio", 4)),
                         norm_eps=hf.get("layer_norm_eps", 1e-6), dtype=dtype, num_classes=0,
-                        num_registers=hf.get("num_register_tokens", 4),
+                        num_registers=hf.get("num_register_tokens",
+                                             0 if hf.get("model_type") == "dinov2" else 4),
                         layer_scale=hf.get("layerscale_value", 1.0))
 
 
@@ -336,6 +398,7 @@ def _dinov2_names(param_path, hf, weights):
 
 CONVERTERS = {
     "mamba": Converter(_mamba_config, _mamba_names),
+    "mamba2": Converter(_mamba2_config, _mamba2_names),
     "gpt2": Converter(_gpt2_config, _gpt2_names, ignore=("*.attn.bias", "*.attn.masked_bias")),
     "llama": Converter(_llama_config, _llama_names),
     # ViTModel's pooler (dense + tanh on CLS) is not part of the ViT; DINOv2's mask
@@ -345,4 +408,7 @@ CONVERTERS = {
     "dinov2_with_registers": Converter(_dinov2_config, _dinov2_names,
                                        ignore=("embeddings.mask_token",),
                                        rename=_ENCODER_RENAMES),
+    # DINOv2 without registers (facebook/dinov2-*): the same tensors but the registers
+    "dinov2": Converter(_dinov2_config, _dinov2_names, ignore=("embeddings.mask_token",),
+                        rename=_ENCODER_RENAMES),
 }

@@ -30,6 +30,8 @@ class AttentionConfig:
 
 
 class KVCache(NamedTuple):
+  """Slot s of row b holds the token at position s of that row (its last document's,
+  after a packed or left-padded prompt)."""
   k: jax.Array  # (B, S, G, K), after RoPE
   v: jax.Array  # (B, S, G, K)
 
@@ -101,6 +103,8 @@ class Attention(nnx.Module):
       if max_length is None or max_length < L:
         raise ValueError(f"attention caches need max_length >= the prompt length {L}, "
                          f"got {max_length}")
+      if reset_BL is not None:  # the cache continues each row's last document, moved to slot 0
+        k, v = (_last_document_first(x, reset_BL) for x in (k, v))
       pad = ((0, 0), (0, max_length - L), (0, 0), (0, 0))
       extras.append(KVCache(jnp.pad(k, pad), jnp.pad(v, pad)))
     if return_weights:
@@ -129,13 +133,37 @@ class Attention(nnx.Module):
     return KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
 
   def step(self, x_BD, cache: KVCache, position):
-    """One token at `position` (a scalar): (B, D) -> (B, D), and the updated cache."""
-    B = x_BD.shape[0]
-    positions = jnp.full((B, 1), position)
-    q, k, v = self._qkv(x_BD[:, None], positions)
-    k_cache = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), position, 1)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), position, 1)
-    mask = (jnp.arange(k_cache.shape[1]) <= position)[None, None, None, :]
+    """One token per row at `position` (a scalar, or (B,): one per row): (B, D) -> (B, D),
+    and the updated cache."""
+    out, cache = self.extend(x_BD[:, None], cache, position)
+    return out[:, 0], cache
+
+  def extend(self, x_BTD, cache: KVCache, position):
+    """T tokens per row from a cache, in one parallel pass: row b's tokens sit at
+    positions position_b + (0..T-1), written to those slots of the cache, and each
+    attends to the slots up to its own. Slots past a row's last token are masked, so
+    rewinding a row (speculative decoding) is only a smaller position next time."""
+    B, T, _ = x_BTD.shape
+    S = cache.k.shape[1]
+    positions_BT = (jnp.broadcast_to(jnp.asarray(position, jnp.int32), (B,))[:, None]
+                    + jnp.arange(T, dtype=jnp.int32))
+    q, k, v = self._qkv(x_BTD, positions_BT)
+    rows = jnp.arange(B)[:, None]
+    # Beyond the cache (a finished row kept stepping) the write is dropped.
+    k_cache = cache.k.at[rows, positions_BT].set(k.astype(cache.k.dtype), mode="drop")
+    v_cache = cache.v.at[rows, positions_BT].set(v.astype(cache.v.dtype), mode="drop")
+    mask = (jnp.arange(S)[None, None, :] <= positions_BT[:, :, None])[:, None]  # (B, 1, T, S)
     out = jax.nn.dot_product_attention(q, k_cache, v_cache, mask=mask,
                                        implementation=self.config.implementation)
-    return self.o_proj(out.reshape(B, -1)), KVCache(k_cache, v_cache)
+    return self.o_proj(out.reshape(B, T, -1)), KVCache(k_cache, v_cache)
+
+
+def _last_document_first(x_BLGK, reset_BL):
+  """Each row's last document (from its last reset) moved to slot 0, zeros after it."""
+  L = x_BLGK.shape[1]
+  t = jnp.arange(L)
+  start_B1 = jnp.max(jnp.where(reset_BL, t, 0), axis=1, keepdims=True)
+  src_BL = jnp.minimum(start_B1 + t, L - 1)
+  keep_BL = t < L - start_B1
+  moved = jnp.take_along_axis(x_BLGK, src_BL[:, :, None, None], axis=1)
+  return jnp.where(keep_BL[:, :, None, None], moved, 0)

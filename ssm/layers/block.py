@@ -1,5 +1,6 @@
 """The residual block every model stacks, and the compute dtypes by name."""
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -58,3 +59,29 @@ class Block(nnx.Module):
       residual = self._add(h, residual)
       h = self._scale(self.mlp(self.norm2(residual, self.dtype)), self.layer_scale2)
     return h, residual, cache
+
+  def extend(self, h, residual, cache, position):
+    """T tokens per row from a cache, (B, T, D): returns (h, residual, cache, trail).
+    A mixer with `extend` (attention) takes them in one parallel pass, and `trail` is
+    None; any other (a recurrent mixer) steps through them, and `trail` is its cache
+    after each token, stacked on a leading T axis, so that a row can be rewound to
+    any of them (speculative decoding's rollback)."""
+    residual = self._add(h, residual)
+    x_BTD = self.norm(residual, self.dtype)
+    if hasattr(self.mixer, "extend"):
+      h, cache = self.mixer.extend(x_BTD, cache, position)
+      trail = None
+    else:
+      def one(c, x_t):
+        x_BD, t = x_t
+        y_BD, c = self.mixer.step(x_BD, c, position + t)
+        return c, (y_BD, c)
+      T = x_BTD.shape[1]
+      cache, (h_TBD, trail) = jax.lax.scan(one, cache, (jnp.swapaxes(x_BTD, 0, 1),
+                                                        jnp.arange(T, dtype=jnp.int32)))
+      h = jnp.swapaxes(h_TBD, 0, 1)
+    h = self._scale(h, self.layer_scale1)
+    if self.mlp is not None:
+      residual = self._add(h, residual)
+      h = self._scale(self.mlp(self.norm2(residual, self.dtype)), self.layer_scale2)
+    return h, residual, cache, trail

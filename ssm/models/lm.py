@@ -5,8 +5,9 @@ As mamba_ssm's MixerModel: embedding (plus learned positions for GPT-2), blocks 
 Add -> Norm -> mixer (-> Add -> Norm -> MLP), the residual stream kept in float32,
 a final norm and the head, tied to the embedding by default. The vocabulary is
 padded to a multiple of 8; logits cover the padded vocabulary, as in the official
-code. `pattern` names each layer's mixer: "M" Mamba, "A" attention, tiled over the
-layers ("MMA" with 6 layers is MMAMMA).
+code. `pattern` names each layer's mixer: "M" Mamba, "S" Mamba-2 (SSD), "A"
+attention, tiled over the layers ("MMA" with 6 layers is MMAMMA; "SSA" a Mamba-2 /
+attention hybrid).
 """
 
 import dataclasses
@@ -18,14 +19,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ssm.fields import require
-from ssm.layers import Mamba, MambaConfig, partitioning
+from ssm.layers import Mamba, Mamba2, Mamba2Config, MambaConfig, partitioning
 from ssm.layers.attention import Attention, AttentionConfig
 from ssm.layers.block import DTYPES, Block
 from ssm.layers.mlp import MLP
 from ssm.layers.mamba import torch_linear_init
 from ssm.layers.norms import make_norm
 
-MIXERS = {"M": "Mamba", "A": "attention"}
+MIXERS = {"M": "Mamba", "S": "Mamba-2", "A": "attention"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +34,7 @@ class LMConfig:
   d_model: int
   n_layer: int
   vocab_size: int
-  pattern: str = "M"  # one letter per layer, tiled: "M" Mamba, "A" attention
+  pattern: str = "M"  # one letter per layer, tiled: "M" Mamba, "S" Mamba-2, "A" attention
   mlp: str = "none"  # "none", "swiglu", "gelu", "gelu_tanh"
   d_intermediate: int = 0
   norm: str = "rms"  # "rms" or "layer"
@@ -47,6 +48,7 @@ class LMConfig:
   initializer_range: float = 0.02
   dtype: str = "float32"  # compute dtype; parameters are float32
   mamba: MambaConfig = MambaConfig()
+  mamba2: Mamba2Config = Mamba2Config()
   attention: AttentionConfig = AttentionConfig()
 
   def __post_init__(self):
@@ -55,6 +57,8 @@ class LMConfig:
             vocab_size=(self.vocab_size, self.vocab_size > 0))
     if not self.pattern or set(self.pattern) - set(MIXERS):
       raise ValueError(f"pattern {self.pattern!r}: use the letters {dict(MIXERS)}")
+    if "S" in self.pattern:
+      self.mamba2.dims(self.d_model)  # headdim and ngroups must divide: a ValueError if not
     if self.mlp != "none" and self.d_intermediate <= 0:
       raise ValueError(f"mlp {self.mlp!r} needs d_intermediate > 0")
     if self.dtype not in DTYPES:
@@ -76,8 +80,10 @@ class LMConfig:
 
 
 class LMCache(NamedTuple):
-  layers: list  # one MambaCache or KVCache per layer
-  position: jax.Array  # int32 scalar: the position of the next token
+  """A decoding state. Rows advance apart (ragged prompts, speculative decoding):
+  each has its own position, and its KV slots are indexed by it."""
+  layers: list  # one cache per layer (MambaCache, KVCache, ...)
+  position: jax.Array  # (B,) int32: each row's position of its next token
 
 
 def document_positions(reset_BL, length):
@@ -107,6 +113,9 @@ def make_block(config: LMConfig, kind, *, rngs):
   kernel_init, out_init = linear_inits(config, n_residuals)
   if kind == "M":
     mixer = Mamba(config.d_model, config.mamba, n_residuals=n_residuals, dtype=dtype, rngs=rngs)
+  elif kind == "S":
+    mixer = Mamba2(config.d_model, config.mamba2, n_residuals=n_residuals, dtype=dtype,
+                   rngs=rngs)
   else:
     mixer = Attention(config.d_model, config.attention, causal=True, kernel_init=kernel_init,
                       out_init=out_init, dtype=dtype, rngs=rngs)
@@ -170,7 +179,9 @@ class LanguageModel(nnx.Module):
       caches.extend(extras)
     logits = self._logits(h, residual)
     if return_cache:
-      return logits, LMCache(caches, jnp.asarray(L, jnp.int32))
+      # The cache continues each row's last document (a left-padded prompt's, when
+      # `reset` marks its first token): its position is that document's length.
+      return logits, LMCache(caches, (positions[:, -1] + 1).astype(jnp.int32))
     return logits
 
   def _check_length(self, length):
@@ -180,7 +191,7 @@ class LanguageModel(nnx.Module):
 
   def init_cache(self, batch, max_length=None):
     layers = [layer.mixer.init_cache(batch, max_length) for layer in self.layers]
-    return LMCache(layers, jnp.asarray(0, jnp.int32))
+    return LMCache(layers, jnp.zeros((batch,), jnp.int32))
 
   def step(self, ids_B, cache: LMCache):
     """One token per row: ids (B,) or (B, 1) -> logits (B, padded vocab) and the new
@@ -190,9 +201,34 @@ class LanguageModel(nnx.Module):
     if ids_B.ndim != 1:
       raise ValueError(f"step: expected one token id per row, (batch,) or (batch, 1), got "
                        f"shape {ids_B.shape}")
-    position = cache.position
+    position = jnp.broadcast_to(cache.position, ids_B.shape)  # (B,): one per row
     h, residual, new = self._embed(ids_B, position), None, []
     for layer, c in zip(self.layers, cache.layers):
       h, residual, c = layer.step(h, residual, c, position)
       new.append(c)
     return self._logits(h, residual), LMCache(new, position + 1)
+
+  def extend(self, ids_BT, cache: LMCache):
+    """T tokens per row from a cache in one call (speculative decoding's scoring):
+    logits (B, T, padded vocab), the cache after all T, and per layer its `trail` (see
+    Block.extend): None for attention, whose slots past a row's position are ignored,
+    else the layer's cache after each token, for `rewind`."""
+    B, T = ids_BT.shape
+    position = jnp.broadcast_to(cache.position, (B,))
+    h = self._embed(ids_BT, position[:, None] + jnp.arange(T, dtype=jnp.int32))
+    residual, new, trails = None, [], []
+    for layer, c in zip(self.layers, cache.layers):
+      h, residual, c, trail = layer.extend(h, residual, c, position)
+      new.append(c)
+      trails.append(trail)
+    return self._logits(h, residual), LMCache(new, position + T), trails
+
+  @staticmethod
+  def rewind(cache: LMCache, trails, consumed_B, taken):
+    """The cache after only the first `consumed_B` (B,), 1 <= consumed <= taken, of the
+    `taken` tokens `extend` (or as many steps, with their trails) took: recurrent layers
+    take their state after that token; attention layers only need the smaller position."""
+    rows = jnp.arange(consumed_B.shape[0])
+    pick = lambda x_TB: x_TB[consumed_B - 1, rows]
+    layers = [c if t is None else jax.tree.map(pick, t) for c, t in zip(cache.layers, trails)]
+    return LMCache(layers, cache.position - taken + consumed_B)

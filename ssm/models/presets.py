@@ -1,7 +1,9 @@
 """Named model sizes.
 
 mamba-*: the released Mamba checkpoints (GPT-NeoX tokenizer, vocabulary 50277 padded
-to 50280). transformer++-*: the Mamba paper's Llama-style baseline at the same width
+to 50280). mamba2-*: the released Mamba-2 checkpoints (state-spaces/mamba2-*'s
+config.json: the official Mamba2 mixer, d_state 128, headdim 64, expand 2, one
+group, chunks of 256; vocabulary 50277 padded to a multiple of 16, 50288). transformer++-*: the Mamba paper's Llama-style baseline at the same width
 and half the depth (one attention+SwiGLU layer holds about the parameters of two
 Mamba layers; SwiGLU width 8/3 d rounded up to a multiple of 256, as Llama). gpt2-*:
 OpenAI's GPT-2 (vocabulary 50257 unpadded, 1024 learned positions). vit-*: the ViT
@@ -9,6 +11,7 @@ sizes of Dosovitskiy et al. / DeiT at 224px, patch 16, 1000 classes (-reg4: with
 registers). vim-*: Vision Mamba's tiny and small.
 """
 
+from ssm.layers import Mamba2Config
 from ssm.layers.attention import AttentionConfig
 from ssm.models.lm import LMConfig
 from ssm.models.vim import VimConfig
@@ -20,6 +23,11 @@ GPT2_VOCAB = 50257
 
 def mamba(d_model, n_layer):
   return LMConfig(d_model=d_model, n_layer=n_layer, vocab_size=NEOX_VOCAB)
+
+
+def mamba2(d_model, n_layer):
+  return LMConfig(d_model=d_model, n_layer=n_layer, vocab_size=NEOX_VOCAB, pattern="S",
+                  pad_vocab_size_multiple=16, mamba2=Mamba2Config())
 
 
 def transformer_pp(d_model, n_layer, n_heads):
@@ -47,6 +55,11 @@ PRESETS = {
     "mamba-790m": mamba(1536, 48),
     "mamba-1.4b": mamba(2048, 48),
     "mamba-2.8b": mamba(2560, 64),
+    "mamba2-130m": mamba2(768, 24),
+    "mamba2-370m": mamba2(1024, 48),
+    "mamba2-780m": mamba2(1536, 48),
+    "mamba2-1.3b": mamba2(2048, 48),
+    "mamba2-2.7b": mamba2(2560, 64),
     "transformer++-130m": transformer_pp(768, 12, 12),
     "transformer++-370m": transformer_pp(1024, 24, 16),
     "transformer++-790m": transformer_pp(1536, 24, 16),

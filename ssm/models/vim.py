@@ -71,7 +71,8 @@ class VisionMamba(ImageModel):
   def features(self, images_BHWC):
     """A dict: tokens (B, T, D) after the final norm, in sequence order; order (T,),
     each position's index into [class, registers, patches]; cls (B, D), registers
-    (B, R, D), patches (B, P, D) and pooled (B, D)."""
+    (B, R, D), patches (B, P, D), pooled (B, D), and token_norms (n_layer, B, T) of
+    the residual stream after each block, in sequence order."""
     patches_BPD, grid = self.patch_embedding(images_BHWC)
     B, P, D = patches_BPD.shape
     pos_cls, pos_patches = self.positions(grid)
@@ -84,12 +85,14 @@ class VisionMamba(ImageModel):
     canonical = jnp.concatenate([x.astype(patches_BPD.dtype) for x in parts + [patches_BPD]], 1)
     order = layout(P, R)
     h = canonical[:, order]
-    residual = None
+    residual, norms = None, []
     for layer in self.layers:
       h, residual, _ = layer(h, residual)
+      norms.append(jnp.linalg.norm((h + residual).astype(jnp.float32), axis=-1))
     tokens = self.norm_f(h + residual)
     canonical = tokens[:, np.argsort(order)]  # back to [class, registers, patches]
     out = dict(tokens=tokens, order=order, cls=canonical[:, 0], registers=canonical[:, 1:1 + R],
                patches=canonical[:, 1 + R:])
     out["pooled"] = out["cls"]
+    out["token_norms"] = jnp.stack(norms)
     return out

@@ -1,0 +1,75 @@
+"""ViT, ViT with registers, Vision Mamba and Vision Mamba with registers, matched on
+parameters to a reference ViT, on Fashion-MNIST (Debian's dataset-fashion-mnist
+files) at CPU size:
+
+  ssm-compare --config configs/compare/images.py --workdir runs/compare-images
+
+The reference is configs/images.py's ViT (width 64, 4 layers, MLP 128 there; 4x here,
+as ViT's) on 7x7 patches of the 28x28 images (a 4x4 grid: 16 patches, 17 tokens, 21
+with the 4 registers of "Vision Transformers Need Registers"); the other families are
+matched to its parameters within 2% (ssm.flops.match_vision: a Vision Mamba near
+twice the depth where that fits, as Vim pairs with DeiT). Two learning rates at seed 0,
+seed 1 at the better one; 400 steps of 32 images (a fifth of an epoch), cosine decay.
+About 10 minutes on a 2-core CPU (docs/results/images.md).
+
+One override away (the data must be on disk: tfds' ArrayRecord files):
+  ssm-compare --config configs/compare/images.py:cifar10     # 32x32, 4x4 patches, GPU-sized
+  ssm-compare --config configs/compare/images.py:imagenet    # ViT-S/16 vs Vim-S, the papers' scale
+and the match on training FLOPs per image instead: --config.match=flops.
+"""
+
+import ml_collections as mlc
+
+FAMILIES = ("vit", "vit+reg", "vim", "vim+reg")
+
+
+def get_config(setting="fmnist"):
+  c = mlc.ConfigDict()
+  c.name = "images"
+  c.base = "configs/images.py:vit"  # the task, training and logging settings of each run
+  c.families = FAMILIES
+  c.reference = mlc.ConfigDict(dict(family="vit", n_layer=4))
+  c.sizes = (64,)  # reference widths
+  c.same_depth = False  # Vision Mamba matches at its own depth
+  c.match = "params"  # or "flops" (training FLOPs per image), "width"
+  c.tolerance = 0.02
+  c.seq_lens = ()
+  c.seeds = (0, 1)
+  c.lrs = (1e-3, 3e-3)  # every family; AdamW with warmup and cosine decay
+  c.lr_sweep = "first_seed"  # the rates swept at seed 0; seed 1 at the better one
+  c.select = mlc.ConfigDict(dict(metric="eval_accuracy", mode="max"))
+  c.overrides = mlc.ConfigDict(dict(
+      model=dict(patch_size=7),
+      train=dict(steps=400, batch_size=32, warmup_steps=40, log_every=50, eval_every=200,
+                 eval_steps=32),  # 1,024 test images per evaluation
+      checkpoint=dict(every=200)))
+  c.paper = (
+      "Darcet et al. (ICLR 2024): at ViT-B/L scale, 4 registers leave ImageNet accuracy about "
+      "unchanged and remove the high-norm artifact tokens from the attention maps; Vim (Zhu et "
+      "al. 2024) and Mamba-R (Wang et al. 2024) report Vision Mamba at DeiT's accuracy at "
+      "matched size, registers adding a little. None of it is claimed at this size.")
+  if setting == "cifar10":
+    c.sizes = (192,)
+    c.reference.n_layer = 6
+    c.seeds = (0, 1)
+    c.overrides.task = mlc.ConfigDict(dict(dataset="cifar10", path="", crop_padding=4))
+    c.overrides.model.update(image_size=32, patch_size=4, channels=3, num_classes=10)
+    c.overrides.train.update(steps=20_000, batch_size=128, warmup_steps=1_000, eval_every=2_000,
+                             eval_steps=80)  # the 10k test images
+    c.overrides.checkpoint.every = 2_000
+  elif setting == "imagenet":
+    c.sizes = (384,)  # ViT-S/16: 384 wide, 12 layers, 6 heads, 22M parameters
+    c.reference.n_layer = 12
+    c.seeds = (0,)
+    c.lrs = (1e-3, 3e-3)
+    c.overrides.task = mlc.ConfigDict(dict(dataset="imagenet2012", path="", image_size=224))
+    c.overrides.model.update(image_size=224, patch_size=16, channels=3, num_classes=1000)
+    c.overrides.train.update(steps=500_000, batch_size=2048, warmup_steps=10_000,
+                             eval_every=10_000, eval_steps=25)  # the 50k validation images
+    c.overrides.checkpoint.every = 10_000
+  elif setting != "fmnist":
+    raise ValueError(f"configs/compare/images.py:{setting}: expected 'fmnist', 'cifar10' or "
+                     "'imagenet'")
+  c.wandb_mode = "auto"
+  c.parallel = 2  # runs at a time, each on its share of the devices (GPUs) or cores (CPU)
+  return c

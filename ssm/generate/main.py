@@ -1,0 +1,168 @@
+"""`ssm-generate`: text from a trained run (its workdir) or an imported Hugging Face model.
+
+  ssm-generate --workdir runs/bytes-mamba --prompt "ROMEO:" --max-new-tokens 200
+  ssm-generate --workdir runs/bytes-mamba --prompt "ROMEO:" --prompt "JULIET:" \\
+      --temperature 0.8 --top-p 0.95 --seed 1
+  ssm-generate --workdir runs/bytes-tpp --draft-workdir runs/bytes-mamba --k 4 --prompt "KING:"
+  ssm-generate --hf path/to/save_pretrained_dir --prompt-ids 1,2,3 --temperature 0
+
+Byte-level runs (configs/bytes.py) take text prompts and print text; they stop at
+BOS (a new document). Token models take --prompt-ids, or --prompt text where the
+Hugging Face directory has a tokenizer (transformers installed). --temperature 0
+is greedy. With a --draft-* model, speculative decoding (the target's
+distribution exactly), and its acceptance rate on stderr.
+"""
+
+import argparse
+import sys
+
+import numpy as np
+
+from ssm.generate.sampling import Sampling
+
+BOS = 256  # ssm.data.text's
+
+
+class Loaded:
+  """A model and how its text is read and written."""
+
+  def __init__(self, model, byte_level=False, tokenizer=None):
+    self.model, self.byte_level, self.tokenizer = model, byte_level, tokenizer
+
+  def encode(self, text):
+    if self.byte_level:
+      return [BOS] + list(text.encode("utf-8"))
+    if self.tokenizer is None:
+      raise ValueError("this model has no tokenizer here: give --prompt-ids (token ids, "
+                       "comma-separated), or an --hf directory with its tokenizer files")
+    return self.tokenizer(text)["input_ids"]
+
+  def decode(self, ids):
+    if self.byte_level:
+      return bytes(t for t in ids if t < BOS).decode("utf-8", errors="replace")
+    if self.tokenizer is not None:
+      return self.tokenizer.decode(ids)
+    return " ".join(map(str, ids))
+
+
+def load(workdir=None, hf=None, step=None, best=False):
+  """A Loaded model from an ssm-train workdir or a Hugging Face directory / hub name."""
+  from ssm.generate.decode import check_model
+  if bool(workdir) == bool(hf):
+    raise ValueError("give exactly one of --workdir (an ssm-train run) and --hf (a Hugging "
+                     "Face model)")
+  if workdir:
+    from ssm.train.checkpoint import load_model
+    model, config, _ = load_model(workdir, step=step, best=best)
+    check_model(model)
+    check_parameters(model, workdir)
+    byte_level = config.task.get("name") == "bytes"
+    return Loaded(model, byte_level=byte_level)
+  from ssm.convert import load_hf
+  model = load_hf(hf)
+  check_model(model)
+  tokenizer = None
+  try:
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+  except Exception:  # no tokenizer files, or no transformers: token ids only
+    tokenizer = None
+  return Loaded(model, tokenizer=tokenizer)
+
+
+def check_parameters(model, where):
+  """Each parameter has the shape the model's config gives it: a checkpoint saved by
+  another model (a workdir reused, a config.json edited) is an error, not a model
+  with the wrong shapes."""
+  import jax
+  from flax import nnx
+
+  from ssm.models import build
+  expected = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: build(model.config,
+                                                                      rngs=nnx.Rngs(0)))))
+  got = nnx.to_pure_dict(nnx.state(model))
+  for (path, e), g in zip(jax.tree_util.tree_flatten_with_path(expected)[0],
+                          jax.tree.leaves(got)):
+    if e.shape != g.shape:
+      name = "/".join(str(getattr(k, "key", k)) for k in path)
+      raise ValueError(f"{where}: the checkpoint is another model's: parameter {name} has "
+                       f"shape {tuple(g.shape)}, the run's config.json builds {tuple(e.shape)}"
+                       " (use the workdir the checkpoint was trained in)")
+
+
+def parse_ids(text):
+  try:
+    return [int(t) for t in text.replace(" ", "").split(",") if t]
+  except ValueError:
+    raise ValueError(f"--prompt-ids {text!r}: expected comma-separated token ids, e.g. 1,2,3")
+
+
+def run(args):
+  from ssm.generate.decode import generate
+  from ssm.generate.speculative import speculative_generate
+  target = load(args.workdir, args.hf, args.step, args.best)
+  prompts = ([target.encode(p) for p in args.prompt] + [parse_ids(p) for p in args.prompt_ids])
+  if not prompts:
+    raise ValueError("no prompt: give --prompt TEXT or --prompt-ids 1,2,3 (repeat for a batch)")
+  stops = list(args.stop_token)
+  if target.byte_level and not args.no_stop_at_bos:
+    stops.append(BOS)
+  sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                      min_p=args.min_p, repetition_penalty=args.repetition_penalty)
+  if args.draft_workdir or args.draft_hf:
+    draft = load(args.draft_workdir, args.draft_hf)
+    out = speculative_generate(target.model, draft.model, prompts, args.max_new_tokens,
+                               k=args.k, sampling=sampling, stop_tokens=stops, seed=args.seed)
+    print(f"speculative decoding: {out.accepted}/{out.proposed} draft tokens accepted "
+          f"({out.acceptance_rate:.1%}), {out.rounds} target calls for "
+          f"{int(np.sum(out.lengths))} tokens", file=sys.stderr)
+  else:
+    out = generate(target.model, prompts, args.max_new_tokens, sampling=sampling,
+                   stop_tokens=stops, seed=args.seed)
+  for prompt, new in zip(prompts, out.rows()):
+    if target.byte_level:
+      print(target.decode(prompt) + target.decode(new))
+    else:
+      print(target.decode(new))
+  return 0
+
+
+def parser():
+  p = argparse.ArgumentParser(prog="ssm-generate", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--workdir", help="an ssm-train run's workdir (its config.json and checkpoints)")
+  p.add_argument("--hf", help="a Hugging Face save_pretrained directory or hub name")
+  p.add_argument("--step", type=int, help="the checkpoint's step (default: the newest)")
+  p.add_argument("--best", action="store_true", help="the best checkpoint by "
+                 "checkpoint.best_metric")
+  p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat: a batch)")
+  p.add_argument("--prompt-ids", action="append", default=[],
+                 help="a prompt as comma-separated token ids (repeat: a batch)")
+  p.add_argument("--max-new-tokens", type=int, default=100)
+  p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+  p.add_argument("--top-k", type=int, default=0, help="0: off")
+  p.add_argument("--top-p", type=float, default=1.0, help="1: off")
+  p.add_argument("--min-p", type=float, default=0.0, help="0: off")
+  p.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off")
+  p.add_argument("--stop-token", type=int, action="append", default=[],
+                 help="a token id that ends a row (repeat for several)")
+  p.add_argument("--no-stop-at-bos", action="store_true",
+                 help="byte models: go on past BOS (a new document)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--draft-workdir", help="speculative decoding: the draft's workdir")
+  p.add_argument("--draft-hf", help="speculative decoding: the draft as a Hugging Face model")
+  p.add_argument("--k", type=int, default=4, help="draft tokens proposed a round")
+  return p
+
+
+def main(argv=None):
+  args = parser().parse_args(argv)
+  try:
+    return run(args)
+  except (ValueError, FileNotFoundError, KeyError) as e:
+    print(f"ssm-generate: {e.args[0] if e.args else e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())
