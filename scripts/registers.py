@@ -40,6 +40,7 @@ def parse(argv):
   p.add_argument("--image-size", type=int, default=0,
                  help="for Hugging Face models (default: the checkpoint's, at most 224)")
   p.add_argument("--n", type=int, default=64, help="images for norms and attention maps")
+  p.add_argument("--show", type=int, default=4, help="images per model in the figures")
   p.add_argument("--probe-train", type=int, default=2000,
                  help="training images for the linear probe (0: no probe)")
   p.add_argument("--probe-test", type=int, default=1000, help="test images for the probe")
@@ -92,7 +93,8 @@ def main(argv=None):
         probe[name] = (tr_x, tr_y, te_x, te_y)
     summary, paths, _ = registers.analyse(
         models, None, display, args.out, probe=probe or None, k=args.k,
-        min_ratio=args.min_ratio, threshold=args.threshold, batch_size=args.batch_size)
+        min_ratio=args.min_ratio, threshold=args.threshold, batch_size=args.batch_size,
+        n_show=args.show)
   except (ValueError, FileNotFoundError, KeyError) as e:
     print(f"scripts/registers.py: {e.args[0] if e.args else e}", file=sys.stderr)
     return 2

@@ -411,7 +411,8 @@ def analyse(models, images, display, out_dir, *, probe=None, k=5.0, min_ratio=2.
   n_show = min(n_show, len(display))
   paths = [plot_norms(results, out_dir / "norms.png"),
            plot_outlier_fraction(results, out_dir / "outlier_fraction.png"),
-           plot_outliers(display, results, out_dir / "outliers.png", n=min(6, len(display))),
+           plot_outliers(display, results, out_dir / "outliers.png", n=min(6, len(display),
+                                                                           max(n_show, 1))),
            plot_cls_attention(display, results, out_dir / "cls_attention.png", n=n_show),
            plot_register_attention(display, results, out_dir / "register_attention.png",
                                    n=n_show)]

@@ -185,7 +185,7 @@ def test_ssm_generate_on_a_trained_byte_model(byte_run, tmp_path, capsys):
   config["model"]["d_model"] = 24
   (other / "config.json").write_text(json.dumps(config))
   assert main(["--workdir", str(other), "--prompt", "A"]) == 2
-  assert "the checkpoint is another model's" in capsys.readouterr().err
+  assert "not the model its config.json builds" in capsys.readouterr().err
   assert main(["--workdir", str(byte_run), "--prompt", "A", "--stop-token", "300"]) == 2
   assert "unknown stop token 300" in capsys.readouterr().err
   assert main(["--workdir", str(byte_run)]) == 2

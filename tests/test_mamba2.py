@@ -70,6 +70,8 @@ def test_bad_sizes_say_what_to_change():
     Mamba2Config(headdim=16, ngroups=3).dims(32)
   with pytest.raises(ValueError, match=r"model.mamba2.chunk_size=0"):
     Mamba2Config(chunk_size=0)
+  with pytest.raises(ValueError, match=r"scan_impl='pallas': expected one of \('auto', "):
+    Mamba2Config(scan_impl="pallas")
   LMConfig(d_model=40, n_layer=1, vocab_size=10, pattern="MA")  # no Mamba-2 layer: no check
 
 
@@ -161,14 +163,15 @@ def test_family_matches_within_two_percent():
 
 @pytest.fixture(scope="module")
 def hf_mamba2(tmp_path_factory):
-  """A random Mamba2ForCausalLM with odd sizes and 3 groups, every parameter perturbed
-  so that no constant initialisation (D = 1, norm weight 1) hides a mapping error."""
+  """A random Mamba2ForCausalLM with odd sizes, 3 groups, biases everywhere and an
+  untied head, every parameter perturbed so that no constant initialisation (D = 1,
+  norm weight 1, zero biases) hides a mapping error."""
   torch, transformers = require("torch"), require("transformers")
   torch.manual_seed(0)
   config = transformers.Mamba2Config(
       vocab_size=101, hidden_size=40, state_size=7, num_hidden_layers=2, expand=3,
       head_dim=10, num_heads=12, n_groups=3, conv_kernel=4, chunk_size=8,
-      layer_norm_epsilon=1e-5, tie_word_embeddings=False)
+      layer_norm_epsilon=1e-5, use_bias=True, use_conv_bias=True, tie_word_embeddings=False)
   model = transformers.Mamba2ForCausalLM(config).eval()
   with torch.no_grad():
     for p in model.parameters():

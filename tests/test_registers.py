@@ -148,7 +148,7 @@ def test_analysis_of_transformers_checkpoints_through_load_hf(tmp_path, capsys):
   script = _script()
   assert script.main(["--model", str(tmp_path / "dino"), "--model", str(tmp_path / "vit"),
                       "--out", str(out), "--n", "4", "--probe-train", "40", "--probe-test",
-                      "20", "--batch-size", "20"]) == 0
+                      "20", "--batch-size", "20", "--show", "1"]) == 0
   summary = json.loads((out / "summary.json").read_text())
   assert summary["dino"]["registers"] == 4 and summary["vit"]["registers"] == 0
   assert summary["dino"]["register_attention_to_special"] is not None

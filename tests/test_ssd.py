@@ -18,7 +18,7 @@ from ssm.scan import ssd, ssd_state_update
 BACKENDS = ["reference", "chunked"]
 # Tolerances, relative to the largest magnitude of the float64 result.
 F32_TOL = 1e-4
-BF16_TOL = 2e-2  # bf16 keeps 8 bits; inputs, output, gradients and matmul operands are rounded to it
+BF16_TOL = 2e-2  # bf16 keeps 8 bits: inputs, output, gradients and matmul operands are rounded
 
 
 def np_ssd(x, dt, A, B, C, D=None, dt_bias=None, h0=None, reset=None):

@@ -424,3 +424,8 @@ def test_best_checkpoint_is_ranked_only_by_an_eval_of_its_own_step(tmp_path):
     load_model(tmp_path, step=5)
   with pytest.raises(FileNotFoundError, match="has no config.json"):
     load_model(tmp_path / "checkpoints")
+  config_json = json.loads((tmp_path / "config.json").read_text())
+  config_json["model"]["d_model"] = 48
+  (tmp_path / "config.json").write_text(json.dumps(config_json))
+  with pytest.raises(ValueError, match="not the model its config.json builds"):
+    load_model(tmp_path)

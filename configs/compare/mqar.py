@@ -4,7 +4,7 @@ Figure 2 (Arora et al. 2023). The README's main job, CPU-sized:
   ssm-compare --config configs/compare/mqar.py --workdir runs/compare-mqar
 
 With Mamba-2 (the official mixer, family "mamba2"; not in the default families, to keep
-the main job short): --config.families=attention,mamba,hybrid,mamba2
+the main job short): --config.families="('attention','mamba','hybrid','mamba2')"
 
 Every family at the reference widths (`match="width"`, Zoology's x axis; "params" or
 "flops" match them instead), two layers of sequence mixers without MLPs (Zoology's

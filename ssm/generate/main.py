@@ -55,7 +55,6 @@ def load(workdir=None, hf=None, step=None, best=False):
     from ssm.train.checkpoint import load_model
     model, config, _ = load_model(workdir, step=step, best=best)
     check_model(model)
-    check_parameters(model, workdir)
     byte_level = config.task.get("name") == "bytes"
     return Loaded(model, byte_level=byte_level)
   from ssm.convert import load_hf
@@ -68,26 +67,6 @@ def load(workdir=None, hf=None, step=None, best=False):
   except Exception:  # no tokenizer files, or no transformers: token ids only
     tokenizer = None
   return Loaded(model, tokenizer=tokenizer)
-
-
-def check_parameters(model, where):
-  """Each parameter has the shape the model's config gives it: a checkpoint saved by
-  another model (a workdir reused, a config.json edited) is an error, not a model
-  with the wrong shapes."""
-  import jax
-  from flax import nnx
-
-  from ssm.models import build
-  expected = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: build(model.config,
-                                                                      rngs=nnx.Rngs(0)))))
-  got = nnx.to_pure_dict(nnx.state(model))
-  for (path, e), g in zip(jax.tree_util.tree_flatten_with_path(expected)[0],
-                          jax.tree.leaves(got)):
-    if e.shape != g.shape:
-      name = "/".join(str(getattr(k, "key", k)) for k in path)
-      raise ValueError(f"{where}: the checkpoint is another model's: parameter {name} has "
-                       f"shape {tuple(g.shape)}, the run's config.json builds {tuple(e.shape)}"
-                       " (use the workdir the checkpoint was trained in)")
 
 
 def parse_ids(text):

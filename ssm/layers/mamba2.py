@@ -21,6 +21,7 @@ from ssm.fields import require
 from ssm.layers import partitioning
 from ssm.layers.mamba import causal_conv1d, uniform
 from ssm.scan import ssd, ssd_state_update
+from ssm.scan.ssd import IMPLS as SSD_IMPLS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +50,9 @@ class Mamba2Config:
             chunk_size=(self.chunk_size, self.chunk_size > 0),
             A_init_min=(self.A_init_min, 0 < self.A_init_min <= self.A_init_max,
                         "needs 0 < A_init_min <= A_init_max"),
-            dt_min=(self.dt_min, 0 < self.dt_min <= self.dt_max, "needs 0 < dt_min <= dt_max"))
+            dt_min=(self.dt_min, 0 < self.dt_min <= self.dt_max, "needs 0 < dt_min <= dt_max"),
+            scan_impl=(self.scan_impl, self.scan_impl in SSD_IMPLS,
+                       f"expected one of {SSD_IMPLS} (the SSD's backends)"))
 
   def dims(self, d_model):
     """(E, H, X): d_inner, heads and conv channels at `d_model`; a ValueError that says

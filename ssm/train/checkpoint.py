@@ -199,5 +199,20 @@ def load_model(workdir, step=None, best=False):
   graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: build(model_config,
                                                                     rngs=nnx.Rngs(0))))
   params = jax.tree.map(jax.numpy.asarray, restored["state"]["params"])
+  _check_fits(params, nnx.to_pure_dict(abstract_state), workdir)
   nnx.replace_by_pure_dict(abstract_state, params)
   return nnx.merge(graphdef, abstract_state), config, step
+
+
+def _check_fits(params, abstract_params, workdir):
+  """The checkpoint's parameters have the names and shapes the config's model has."""
+  def shapes(tree):  # orbax gives list indices back as strings: compare names as text
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): x.shape
+            for path, x in jax.tree.leaves_with_path(tree)}
+  saved, wanted = shapes(params), shapes(abstract_params)
+  wrong = [f"{k}: saved {saved.get(k)}, the model has {wanted.get(k)}"
+           for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+  if wrong:
+    raise ValueError(f"{workdir}: the checkpoint is not the model its config.json builds "
+                     f"({len(wrong)} parameters differ, e.g. {wrong[0]}); was config.json "
+                     "edited, or the checkpoints copied from another run?")
