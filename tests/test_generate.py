@@ -14,7 +14,7 @@ from flax import nnx
 from scipy import stats
 
 from ssm.generate import Sampling, generate, probabilities, speculative_generate
-from ssm.layers import MambaConfig
+from ssm.layers import Mamba2Config, MambaConfig
 from ssm.layers.attention import AttentionConfig
 from ssm.models import LanguageModel, LMConfig
 
@@ -23,6 +23,7 @@ FAMILIES = {
     "mamba": dict(pattern="M"),
     "transformer++": dict(pattern="A", mlp="swiglu", d_intermediate=32),
     "hybrid": dict(pattern="MA"),
+    "mamba2": dict(pattern="S"),
     "gpt2": dict(pattern="A", positions="learned", max_position_embeddings=32, norm="layer",
                  mlp="gelu", d_intermediate=32),
 }
@@ -34,6 +35,7 @@ def tiny(family, seed=0, vocab_size=13):
   n_layer = 2 if family == "hybrid" else 1  # one layer of each: cheap to compile
   config = LMConfig(d_model=16, n_layer=n_layer, vocab_size=vocab_size, tie_embeddings=False,
                     initializer_range=0.3, mamba=MambaConfig(d_state=4),
+                    mamba2=Mamba2Config(d_state=4, headdim=8),
                     attention=AttentionConfig(n_heads=2), **FAMILIES[family])
   return LanguageModel(config, rngs=nnx.Rngs(seed))
 
@@ -43,9 +45,13 @@ def models():
   return {f: tiny(f, seed=i) for i, f in enumerate(FAMILIES)}
 
 
-def full_pass_argmax(model, seq):
-  logits = np.asarray(model(jnp.asarray([seq])))[0, :, :model.config.vocab_size]
-  return logits.argmax(-1)
+def full_pass_argmax(model, seqs):
+  """The argmax at every position of one causal pass over each sequence (right-padded
+  into one batch: padding after a position cannot reach it)."""
+  L = max(map(len, seqs))
+  ids = jnp.asarray([seq + [0] * (L - len(seq)) for seq in seqs])
+  logits = np.asarray(model(ids))[..., :model.config.vocab_size]
+  return [row[:len(seq)] for row, seq in zip(logits.argmax(-1), seqs)]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -56,9 +62,9 @@ def test_greedy_equals_the_full_pass_argmax_on_ragged_batches(models, family):
   model = models[family]
   out = generate(model, PROMPTS, 8, GREEDY)
   assert out.tokens.shape == (3, 8) and list(out.lengths) == [8, 8, 8]
-  for prompt, new in zip(PROMPTS, out.rows()):
-    argmax = full_pass_argmax(model, prompt + new[:-1])
-    assert argmax[len(prompt) - 1:].tolist() == new, (prompt, new)
+  argmax = full_pass_argmax(model, [p + new[:-1] for p, new in zip(PROMPTS, out.rows())])
+  for prompt, new, row in zip(PROMPTS, out.rows(), argmax):
+    assert row[len(prompt) - 1:].tolist() == new, (prompt, new)
   if family == "hybrid":
     # The padding would change the output if rows saw it: a prompt left-padded by hand
     # (zeros as tokens) decodes otherwise.
