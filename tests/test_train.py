@@ -285,10 +285,13 @@ def test_early_stop_at_a_threshold_or_a_plateau_and_rerun_is_complete(tmp_path):
     train(_in_process_config(eval_every=2, stop_when="accuracy>0.5"), tmp_path / "bad")
 
 
-def test_bfloat16_compute_trains(tmp_path, monkeypatch):
+def test_bfloat16_compute_trains_every_mixer(tmp_path, monkeypatch):
   from ssm.train import train
   c = _in_process_config(steps=30)
   c.model.dtype = "bfloat16"
+  # every mixer: Mamba, Mamba-2 (its chunked SSD in bf16) and attention
+  c.model.update(dict(pattern="MSA", n_layer=3))
+  c.model.mamba2.update(dict(d_state=16, headdim=16))
   c.checkpoint.every = 10
   monkeypatch.chdir(tmp_path)
   train(c, "run")  # a relative workdir
