@@ -77,8 +77,9 @@ def _vision(cfg):
   families = set(cfg.families) | {cfg.reference.family}
   vision = families & set(VISION_FAMILIES)
   if vision and vision != families:
-    raise ValueError(f"families {sorted(families)} mix image families ({', '.join(VISION_FAMILIES)})"
-                     " with language-model ones: compare each kind apart")
+    raise ValueError(f"families {sorted(families)} mix image families "
+                     f"({', '.join(VISION_FAMILIES)}) with language-model ones: compare each "
+                     "kind apart")
   return bool(vision)
 
 

@@ -70,7 +70,9 @@ def forward(model, images_NHWC, batch_size=32):
   out = {k: np.concatenate([p[k] for p in parts], axis=1 if k == "norms" else 0)
          for k in parts[0]}
   if not vit:  # Vision Mamba's norms are in sequence order: back to [CLS, registers, patches]
-    order = np.asarray(model.features(jnp.asarray(images_NHWC[:1]))["order"])
+    from ssm.models.vim import layout
+    R = model.config.num_registers
+    order = layout(out["norms"].shape[-1] - 1 - R, R)
     out["norms"] = out["norms"][:, :, np.argsort(order)]
   return out
 

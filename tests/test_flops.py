@@ -111,7 +111,8 @@ def test_matching_within_two_percent(reference, criterion):
 
 # --- vision families ------------------------------------------------------------------
 
-from ssm.flops import VISION_FAMILIES, match_vision, vision_config, vision_flops, vision_params  # noqa: E402
+from ssm.flops import (VISION_FAMILIES, match_vision, vision_config,  # noqa: E402
+                       vision_flops, vision_params)
 
 
 @pytest.mark.parametrize("family", VISION_FAMILIES)

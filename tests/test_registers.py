@@ -23,7 +23,8 @@ FASHION = "/usr/share/datasets/fashion-mnist"
 def vit(num_registers=4, **kw):
   c = dict(image_size=28, patch_size=4, channels=1, d_model=32, n_layer=2, n_heads=4,
            d_intermediate=64, num_registers=num_registers, num_classes=10)
-  return ViT(ViTConfig(**{**c, **kw}), rngs=nnx.Rngs(0))
+  # initialised under jit: one compilation rather than one per initialiser
+  return nnx.jit(lambda: ViT(ViTConfig(**{**c, **kw}), rngs=nnx.Rngs(0)))()
 
 
 @pytest.fixture(scope="module")
@@ -72,20 +73,44 @@ def test_outlier_detector_finds_planted_high_norm_tokens_and_no_others(model):
     registers.find_outliers(patches, min_ratio=0.5)
 
 
+def test_vision_mamba_norms_come_back_in_token_order():
+  """Vision Mamba's norms are taken in its sequence order (CLS mid-sequence, registers
+  spread): put back in [CLS, registers, patches] order, a planted patch is found where
+  it is in the image."""
+  from ssm.layers import MambaConfig
+  from ssm.models import VimConfig, VisionMamba
+  vim = nnx.jit(lambda: VisionMamba(VimConfig(
+      image_size=28, patch_size=4, channels=1, d_model=32, n_layer=1, num_registers=2,
+      num_classes=10, mamba=MambaConfig(d_state=4)), rngs=nnx.Rngs(0)))()
+  x = images(2)
+  x[0, 12:16, 20:24] *= 50  # patch (3, 5): index 26
+  x[1, 0:4, 0:4] *= 50  # patch (0, 0): index 0
+  norms = registers.forward(vim, x, batch_size=2)["norms"]
+  assert norms.shape == (1, 2, 1 + 2 + 49)
+  _, _, patches = registers.split_tokens(norms[-1], 2)
+  mask, _ = registers.find_outliers(patches)
+  assert [list(np.flatnonzero(m)) for m in mask] == [[26], [0]]
+
+
 def test_attention_maps_equal_a_direct_computation(model):
   """The last layer's softmax(q k^T / sqrt(d_head)) from the block's own parameters,
   computed here from its input; the CLS row over the patches on the 7x7 grid, and
   the registers' rows."""
-  x = jnp.asarray(images(3, seed=1))
-  h, residual = model._tokens(x), None
-  for layer in model.layers[:-1]:
-    h, residual, _ = layer(h, residual)
-  last = model.layers[-1]
-  u = last.norm(h + residual)
-  attn, H = last.mixer, 4
-  q = (u @ attn.q_proj.kernel[...] + attn.q_proj.bias[...]).reshape(3, 54, H, 8)
-  k = (u @ attn.k_proj.kernel[...] + attn.k_proj.bias[...]).reshape(3, 54, H, 8)
-  direct = np.asarray(jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8), -1))
+  x, H = jnp.asarray(images(3, seed=1)), 4
+
+  @nnx.jit
+  def direct(model, x):
+    h, residual = model._tokens(x), None
+    for layer in model.layers[:-1]:
+      h, residual, _ = layer(h, residual)
+    last = model.layers[-1]
+    u = last.norm(h + residual)
+    attn = last.mixer
+    q = (u @ attn.q_proj.kernel[...] + attn.q_proj.bias[...]).reshape(3, 54, H, 8)
+    k = (u @ attn.k_proj.kernel[...] + attn.k_proj.bias[...]).reshape(3, 54, H, 8)
+    return jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8), -1)
+
+  direct = np.asarray(direct(model, x))
   f = registers.forward(model, np.asarray(x))
   maps = registers.cls_attention(f["attention"], 4)
   assert maps.shape == (3, H, 7, 7)

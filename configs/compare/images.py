@@ -10,7 +10,8 @@ with the 4 registers of "Vision Transformers Need Registers"); the other familie
 matched to its parameters within 2% (ssm.flops.match_vision: a Vision Mamba near
 twice the depth where that fits, as Vim pairs with DeiT). Two learning rates at seed 0,
 seed 1 at the better one; 400 steps of 32 images (a fifth of an epoch), cosine decay.
-About 10 minutes on a 2-core CPU (docs/results/images.md).
+About 10 minutes on a lightly shared 2-core CPU, 16 on a busy one
+(docs/results/compare-images/).
 
 One override away (the data must be on disk: tfds' ArrayRecord files):
   ssm-compare --config configs/compare/images.py:cifar10     # 32x32, 4x4 patches, GPU-sized
