@@ -1,4 +1,4 @@
-"""The register analysis (ssm.registers) of ViTs with and without registers: token norms
+r"""The register analysis (ssm.registers) of ViTs with and without registers: token norms
 per layer and their high-norm outliers, CLS attention maps per head, what the registers
 attend to, and linear probes on frozen features; PNGs and summary.json in --out.
 
