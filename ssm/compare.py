@@ -378,8 +378,8 @@ shared loop; rerunning finishes an interrupted one.
   ssm-compare --config configs/compare/images.py                # ViT / +registers / Vim
 
 --config  a comparison file (configs/compare/*.py: mqar, induction_heads, selective_copy,
-          bytes, images); ARG "paper" where it has the paper's setting (images: cifar10,
-          imagenet)
+          bytes, images); ARG "paper" where it has the paper's setting (images: ImageNet;
+          also "cifar10")
 --workdir where it all goes (default runs/<comparison name>): runs/<run>/ (each a
           ssm-train workdir), results.csv, results.md, accuracy.png, loss.png
 

@@ -37,7 +37,7 @@ def tiny(family, seed=0, vocab_size=13):
                     initializer_range=0.3, mamba=MambaConfig(d_state=4),
                     mamba2=Mamba2Config(d_state=4, headdim=8),
                     attention=AttentionConfig(n_heads=2), **FAMILIES[family])
-  return LanguageModel(config, rngs=nnx.Rngs(seed))
+  return nnx.jit(lambda: LanguageModel(config, rngs=nnx.Rngs(seed)))()  # compiled: fast
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def full_pass_argmax(model, seqs):
   into one batch: padding after a position cannot reach it)."""
   L = max(map(len, seqs))
   ids = jnp.asarray([seq + [0] * (L - len(seq)) for seq in seqs])
-  logits = np.asarray(model(ids))[..., :model.config.vocab_size]
+  logits = np.asarray(nnx.jit(lambda m, x: m(x))(model, ids))[..., :model.config.vocab_size]
   return [row[:len(seq)] for row, seq in zip(logits.argmax(-1), seqs)]
 
 
@@ -119,8 +119,8 @@ def test_speculative_sampling_has_the_targets_distribution():
   target, draft = tiny("transformer++", 10, vocab_size=8), tiny("mamba", 11, vocab_size=8)
   sampling, n, prompt = Sampling(temperature=1.0, top_k=6), 3000, [1, 2]
   seqs = np.array([prompt + list(c) for c in itertools.product(range(8), repeat=3)])
-  p = np.asarray(probabilities(target(jnp.asarray(seqs[:, :-1]))[:, 1:].reshape(-1, 8),
-                               sampling, 8)).reshape(len(seqs), 3, 8)
+  logits = nnx.jit(lambda m, x: m(x))(target, jnp.asarray(seqs[:, :-1]))[:, 1:]
+  p = np.asarray(probabilities(logits.reshape(-1, 8), sampling, 8)).reshape(len(seqs), 3, 8)
   joint = np.prod([p[np.arange(len(seqs)), t, seqs[:, 2 + t]] for t in range(3)], axis=0,
                   dtype=np.float64)
   joint /= joint.sum()  # float32's rounding

@@ -24,7 +24,7 @@ def test_unknown_preset_names_the_known_ones():
 
 def tiny(**kw):
   cfg = LMConfig(d_model=32, n_layer=3, vocab_size=61, mamba=MambaConfig(d_state=6), **kw)
-  return LanguageModel(cfg, rngs=nnx.Rngs(0))
+  return nnx.jit(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0)))()  # compiled init: fast
 
 
 def test_vocabulary_padding_and_embedding_init():
@@ -32,7 +32,8 @@ def test_vocabulary_padding_and_embedding_init():
   assert model.embedding.embedding.shape == (64, 32)
   ids = jnp.array([[1, 2, 60]])
   assert model(ids).shape == (1, 3, 64) and model(ids).dtype == jnp.float32
-  big = LanguageModel(LMConfig(d_model=256, n_layer=1, vocab_size=4096), rngs=nnx.Rngs(0))
+  big = nnx.jit(lambda: LanguageModel(LMConfig(d_model=256, n_layer=1, vocab_size=4096),
+                                      rngs=nnx.Rngs(0)))()
   assert abs(float(jnp.std(big.embedding.embedding[...])) - 0.02) < 1e-3
 
 
@@ -58,7 +59,7 @@ def hybrid(**kw):
   cfg = LMConfig(d_model=32, n_layer=4, vocab_size=16, pattern="MA", mlp="swiglu",
                  d_intermediate=64, mamba=MambaConfig(d_state=8),
                  attention=AttentionConfig(n_heads=4), **kw)
-  return LanguageModel(cfg, rngs=nnx.Rngs(0))
+  return nnx.jit(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0)))()
 
 
 def test_hybrid_pattern_and_decoding():
@@ -67,11 +68,12 @@ def test_hybrid_pattern_and_decoding():
   kinds = [type(layer.mixer).__name__ for layer in model.layers]
   assert kinds == ["Mamba", "Attention", "Mamba", "Attention"]
   ids = jax.random.randint(jax.random.key(1), (2, 11), 0, 16)
-  full = model(ids)
-  _, cache = model(ids[:, :4], return_cache=True, max_length=11)
+  full = nnx.jit(lambda m, x: m(x))(model, ids)
+  _, cache = nnx.jit(lambda m, x: m(x, return_cache=True, max_length=11))(model, ids[:, :4])
+  step = nnx.jit(lambda m, x, c: m.step(x, c))  # compiled: eager op-by-op is slow to test
   for t in range(4, 11):
     # ids (B,) or (B, 1), as a decode loop holding the last token as a column gives them
-    out, cache = model.step(ids[:, t] if t % 2 else ids[:, t:t + 1], cache)
+    out, cache = step(model, ids[:, t] if t % 2 else ids[:, t:t + 1], cache)
     np.testing.assert_allclose(out, full[:, t], rtol=2e-5, atol=2e-5)
   with pytest.raises(ValueError, match="one token id per row"):
     model.step(ids[:, :2], cache)
@@ -81,9 +83,10 @@ def test_packed_rows_equal_separate_documents_in_a_hybrid():
   model = hybrid()
   ids = jax.random.randint(jax.random.key(2), (1, 14), 0, 16)
   reset = jnp.zeros((1, 14), bool).at[0, 6].set(True)
-  packed = model(ids, reset)
-  np.testing.assert_allclose(packed[:, :6], model(ids[:, :6]), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(packed[:, 6:], model(ids[:, 6:]), rtol=1e-5, atol=1e-5)
+  call = nnx.jit(lambda m, x, r=None: m(x, r))
+  packed = call(model, ids, reset)
+  np.testing.assert_allclose(packed[:, :6], call(model, ids[:, :6]), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(packed[:, 6:], call(model, ids[:, 6:]), rtol=1e-5, atol=1e-5)
 
 
 def test_hybrid_learns_to_copy():

@@ -12,7 +12,9 @@ from ssm.layers import Mamba, MambaConfig, causal_conv1d
 
 
 def make(d_model=24, n_layer=3, seed=0, **kw):
-  return Mamba(d_model, MambaConfig(**kw), n_residuals=n_layer, rngs=nnx.Rngs(seed))
+  # built under jit: eager initialisation compiles op by op, slowly
+  return nnx.jit(lambda: Mamba(d_model, MambaConfig(**kw), n_residuals=n_layer,
+                               rngs=nnx.Rngs(seed)))()
 
 
 def test_official_initialisation():

@@ -21,7 +21,7 @@ from ssm.scan import ssd
 
 def make(d_model=24, n_layer=3, seed=0, **kw):
   config = Mamba2Config(**{**dict(d_state=6, headdim=8, ngroups=2, chunk_size=8), **kw})
-  return Mamba2(d_model, config, n_residuals=n_layer, rngs=nnx.Rngs(seed))
+  return nnx.jit(lambda: Mamba2(d_model, config, n_residuals=n_layer, rngs=nnx.Rngs(seed)))()
 
 
 call = nnx.jit(lambda m, x, reset=None: m(x, reset))  # compiled once per shape

@@ -15,7 +15,7 @@ About 10 minutes on a lightly shared 2-core CPU, 16 on a busy one
 
 One override away (the data must be on disk: tfds' ArrayRecord files):
   ssm-compare --config configs/compare/images.py:cifar10     # 32x32, 4x4 patches, GPU-sized
-  ssm-compare --config configs/compare/images.py:imagenet    # ViT-S/16 vs Vim-S, the papers' scale
+  ssm-compare --config configs/compare/images.py:paper       # ImageNet: ViT-S/16 vs Vim-S, the papers' scale
 and the match on training FLOPs per image instead: --config.match=flops.
 """
 
@@ -24,7 +24,7 @@ import ml_collections as mlc
 FAMILIES = ("vit", "vit+reg", "vim", "vim+reg")
 
 
-def get_config(setting="fmnist"):
+def get_config(setting="cpu"):
   c = mlc.ConfigDict()
   c.name = "images"
   c.base = "configs/images.py:vit"  # the task, training and logging settings of each run
@@ -58,7 +58,7 @@ def get_config(setting="fmnist"):
     c.overrides.train.update(steps=20_000, batch_size=128, warmup_steps=1_000, eval_every=2_000,
                              eval_steps=80)  # the 10k test images
     c.overrides.checkpoint.every = 2_000
-  elif setting == "imagenet":
+  elif setting == "paper":  # ImageNet
     c.sizes = (384,)  # ViT-S/16: 384 wide, 12 layers, 6 heads, 22M parameters
     c.reference.n_layer = 12
     c.seeds = (0,)
@@ -68,9 +68,9 @@ def get_config(setting="fmnist"):
     c.overrides.train.update(steps=500_000, batch_size=2048, warmup_steps=10_000,
                              eval_every=10_000, eval_steps=25)  # the 50k validation images
     c.overrides.checkpoint.every = 10_000
-  elif setting != "fmnist":
-    raise ValueError(f"configs/compare/images.py:{setting}: expected 'fmnist', 'cifar10' or "
-                     "'imagenet'")
+  elif setting != "cpu":  # Fashion-MNIST
+    raise ValueError(f"configs/compare/images.py:{setting}: expected 'cpu', 'cifar10' or "
+                     "'paper' (ImageNet)")
   c.wandb_mode = "auto"
   c.parallel = 2  # runs at a time, each on its share of the devices (GPUs) or cores (CPU)
   return c
