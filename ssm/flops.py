@@ -291,27 +291,42 @@ def match(family, target, *, criterion="params", seq_len=None, vocab_size, like=
     raise ValueError(f"criterion {criterion!r}: expected 'params' or 'flops'")
   measure = ((lambda c: lm_params(c)) if criterion == "params"
              else (lambda c: 3 * lm_flops(c, seq_len)["total"]))
+  mlp_range = ((lambda d: range(2 * d, 4 * d + 1, _mlp_step(d)))
+               if depth and family == "transformer++" else None)
+  return _search(lambda d, n, d_ff: family_config(family, d, n, vocab_size, like, d_ff),
+                 measure, target, widths=[width] if width else _widths(family),
+                 depths=[depth] if depth else range(1, 97), aspect=ASPECT[family],
+                 depth_hint=depth_hint, mlp_range=mlp_range, usual_mlp=lambda d: 8 * d / 3,
+                 min_layers=2 if family == "hybrid" else 1)  # a hybrid has a layer of each kind
+
+
+def _mlp_step(d_model):
+  return 8 if d_model < SMALL else 64
+
+
+def _search(make, measure, target, *, widths, depths, aspect, depth_hint=None, mlp_range=None,
+            usual_mlp=None, min_layers=1):
+  """The search `match` and `match_vision` share. `make(d_model, n_layer, d_ff)` builds a
+  config (d_ff None: the family's own MLP width), `measure` its size; `mlp_range(d)`
+  the MLP widths also tried (at a fixed depth), `usual_mlp(d)` the family's own, which
+  the shape term measures them from; `aspect` the family's usual width / depth. Among
+  sizes within TOLERANCE of the target, the best trade-off of shape and closeness
+  (1% of error ~ a 1.6x aspect); else the closest. Returns (config, value, mismatch)."""
   best = None
-  depths = [depth] if depth else range(1, 97)
-  widths = [width] if width else _widths(family)
   for n_layer in depths:
-    if family == "hybrid" and n_layer < 2:
-      continue  # a hybrid has a layer of each kind
-    if measure(family_config(family, widths[0], n_layer, vocab_size, like)) > 2 * target:
+    if n_layer < min_layers:
+      continue
+    if measure(make(widths[0], n_layer, None)) > 2 * target:
       break  # deeper is only bigger
     for d in widths:
-      step = 8 if d < SMALL else 64
-      mlp_widths = ([None] if not (depth and family == "transformer++")
-                    else range(2 * d, 4 * d + 1, step))
-      for d_ff in mlp_widths:
-        c = family_config(family, d, n_layer, vocab_size, like, d_ff)
+      for d_ff in (mlp_range(d) if mlp_range else [None]):
+        c = make(d, n_layer, d_ff)
         value = measure(c)
         err = abs(value - target) / target
-        aspect = abs(math.log(n_layer / depth_hint if depth_hint
-                              else d / (ASPECT[family] * n_layer)))
-        mlp_ratio = abs(math.log(c.d_intermediate / (8 * d / 3))) if d_ff else 0.0
-        # within tolerance: shape and closeness traded off (1% of error ~ a 1.6x aspect)
-        key = ((0, aspect + mlp_ratio + 50 * err) if err <= TOLERANCE else (1, err))
+        shape = abs(math.log(n_layer / depth_hint if depth_hint else d / (aspect * n_layer)))
+        if d_ff:
+          shape += abs(math.log(c.d_intermediate / usual_mlp(d)))
+        key = (0, shape + 50 * err) if err <= TOLERANCE else (1, err)
         if best is None or key < best[0]:
           best = (key, c, value, (value - target) / target)
       if value > 2 * target:
@@ -391,27 +406,9 @@ def match_vision(family, target, *, criterion="params", like=None, depth=None, d
     raise ValueError(f"unknown vision family {family!r}; known: {', '.join(VISION_FAMILIES)}")
   measure = (vision_params if criterion == "params"
              else (lambda c: 3 * vision_flops(c)["total"]))
-  best = None
-  depths = [depth] if depth else range(1, 97)
-  widths = [width] if width else _vision_widths(family)
-  for n_layer in depths:
-    if measure(vision_config(family, widths[0], n_layer, like, registers=registers)) > 2 * target:
-      break  # deeper is only bigger
-    for d in widths:
-      step = 8 if d < SMALL else 64
-      mlp_widths = ([None] if not (depth and family.startswith("vit"))
-                    else range(2 * d, 6 * d + 1, step))
-      for d_ff in mlp_widths:
-        c = vision_config(family, d, n_layer, like, d_ff, registers)
-        value = measure(c)
-        err = abs(value - target) / target
-        aspect = abs(math.log(n_layer / depth_hint if depth_hint
-                              else d / (VISION_ASPECT[family] * n_layer)))
-        mlp_ratio = abs(math.log(c.d_intermediate / (4 * d))) if d_ff else 0.0
-        key = ((0, aspect + mlp_ratio + 50 * err) if err <= TOLERANCE else (1, err))
-        if best is None or key < best[0]:
-          best = (key, c, value, (value - target) / target)
-      if value > 2 * target:
-        break
-  _, c, value, mismatch = best
-  return c, value, mismatch
+  mlp_range = ((lambda d: range(2 * d, 6 * d + 1, _mlp_step(d)))
+               if depth and family.startswith("vit") else None)
+  return _search(lambda d, n, d_ff: vision_config(family, d, n, like, d_ff, registers),
+                 measure, target, widths=[width] if width else _vision_widths(family),
+                 depths=[depth] if depth else range(1, 97), aspect=VISION_ASPECT[family],
+                 depth_hint=depth_hint, mlp_range=mlp_range, usual_mlp=lambda d: 4 * d)

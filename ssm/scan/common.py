@@ -1,5 +1,5 @@
-"""What every backend shares: the discretisation step, the D skip and z gate, and
-the wrapper that turns a bare recurrence into a backend.
+"""What every backend shares: the discretisation step, the D skip and z gate, the
+wrapper that turns a bare recurrence into a backend, and the argument checks.
 
 A recurrence takes float32 (u, delta, A, B, C, keep, h0), delta already
 softplus'd, and returns (y = <h_t, C_t> (B, L, D), h_L (B, D, N)). A backend takes
@@ -39,3 +39,17 @@ def backend(recurrence):
     return gate(y, u32, D, f32(z)).astype(u.dtype), hT
 
   return scan
+
+
+def check(name, x, shape, names, like=None):
+  """An optional float argument of a public scan: its shape, and its dtype against
+  `like` (a (name, array) pair)."""
+  if x is None:
+    return
+  if jnp.shape(x) != tuple(shape):
+    raise ValueError(f"{name}: expected shape {names} = {tuple(shape)}, got {jnp.shape(x)}")
+  if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+    raise TypeError(f"{name}: expected a floating dtype, got {jnp.result_type(x)}")
+  if like is not None and jnp.result_type(x) != jnp.result_type(like[1]):
+    raise TypeError(f"{name}: dtype {jnp.result_type(x)} differs from {like[0]}'s "
+                    f"{jnp.result_type(like[1])}; pass both in one dtype")

@@ -89,14 +89,14 @@ def selective_state_update(state, x, delta, A, B, C, D=None, z=None, delta_bias=
   if jnp.ndim(state) != 3:
     raise ValueError(f"state: expected (batch, channels, state), got shape {jnp.shape(state)}")
   batch, channels, n = state.shape
-  _check("x", x, (batch, channels), "(batch, channels)")
-  _check("delta", delta, (batch, channels), "(batch, channels)", like=("x", x))
-  _check("A", A, (channels, n), "(channels, state)")
-  _check("B", B, (batch, n), "(batch, state)", like=("x", x))
-  _check("C", C, (batch, n), "(batch, state)", like=("x", x))
-  _check("z", z, (batch, channels), "(batch, channels)", like=("x", x))
-  _check("D", D, (channels,), "(channels,)")
-  _check("delta_bias", delta_bias, (channels,), "(channels,)")
+  common.check("x", x, (batch, channels), "(batch, channels)")
+  common.check("delta", delta, (batch, channels), "(batch, channels)", like=("x", x))
+  common.check("A", A, (channels, n), "(channels, state)")
+  common.check("B", B, (batch, n), "(batch, state)", like=("x", x))
+  common.check("C", C, (batch, n), "(batch, state)", like=("x", x))
+  common.check("z", z, (batch, channels), "(batch, channels)", like=("x", x))
+  common.check("D", D, (channels,), "(channels,)")
+  common.check("delta_bias", delta_bias, (channels,), "(channels,)")
 
   f32 = common.f32
   delta_f = common.discretize(f32(delta), f32(delta_bias), delta_softplus)
@@ -112,15 +112,15 @@ def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, reset):
   if jnp.ndim(A) != 2 or A.shape[0] != channels:
     raise ValueError(f"A: expected (channels, state) = ({channels}, N), got shape {jnp.shape(A)}")
   n = A.shape[1]
-  _check("u", u, u.shape, "(batch, length, channels)")
-  _check("delta", delta, (batch, length, channels), "(batch, length, channels)", like=("u", u))
-  _check("A", A, (channels, n), "(channels, state)")
-  _check("B", B, (batch, length, n), "(batch, length, state)", like=("u", u))
-  _check("C", C, (batch, length, n), "(batch, length, state)", like=("u", u))
-  _check("z", z, (batch, length, channels), "(batch, length, channels)", like=("u", u))
-  _check("D", D, (channels,), "(channels,)")
-  _check("delta_bias", delta_bias, (channels,), "(channels,)")
-  _check("initial_state", initial_state, (batch, channels, n), "(batch, channels, state)")
+  common.check("u", u, u.shape, "(batch, length, channels)")
+  common.check("delta", delta, (batch, length, channels), "(batch, length, channels)", like=("u", u))
+  common.check("A", A, (channels, n), "(channels, state)")
+  common.check("B", B, (batch, length, n), "(batch, length, state)", like=("u", u))
+  common.check("C", C, (batch, length, n), "(batch, length, state)", like=("u", u))
+  common.check("z", z, (batch, length, channels), "(batch, length, channels)", like=("u", u))
+  common.check("D", D, (channels,), "(channels,)")
+  common.check("delta_bias", delta_bias, (channels,), "(channels,)")
+  common.check("initial_state", initial_state, (batch, channels, n), "(batch, channels, state)")
   if reset is not None:
     if jnp.shape(reset) != (batch, length):
       raise ValueError(f"reset: expected shape (batch, length) = {(batch, length)}, "
@@ -128,16 +128,3 @@ def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, reset):
     if not (jnp.issubdtype(reset.dtype, jnp.bool_) or jnp.issubdtype(reset.dtype, jnp.integer)):
       raise TypeError(f"reset: expected a bool mask, got dtype {reset.dtype}")
   return batch, length, channels
-
-
-def _check(name, x, shape, names, like=None):
-  """Checks an optional float argument's shape, and its dtype against `like`."""
-  if x is None:
-    return
-  if jnp.shape(x) != tuple(shape):
-    raise ValueError(f"{name}: expected shape {names} = {tuple(shape)}, got {jnp.shape(x)}")
-  if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-    raise TypeError(f"{name}: expected a floating dtype, got {jnp.result_type(x)}")
-  if like is not None and jnp.result_type(x) != jnp.result_type(like[1]):
-    raise TypeError(f"{name}: dtype {jnp.result_type(x)} differs from {like[0]}'s "
-                    f"{jnp.result_type(like[1])}; pass both in one dtype")

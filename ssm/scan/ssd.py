@@ -104,16 +104,16 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=Tr
     raise ValueError(f"state: expected (batch, heads, head_dim, state), got shape "
                      f"{jnp.shape(state)}")
   batch, heads, head_dim, n = state.shape
-  _check("x", x, (batch, heads, head_dim), "(batch, heads, head_dim)")
-  _check("dt", dt, (batch, heads), "(batch, heads)", like=("x", x))
-  _check("A", A, (heads,), "(heads,)")
+  common.check("x", x, (batch, heads, head_dim), "(batch, heads, head_dim)")
+  common.check("dt", dt, (batch, heads), "(batch, heads)", like=("x", x))
+  common.check("A", A, (heads,), "(heads,)")
   if jnp.ndim(B) != 3 or B.shape[0] != batch or B.shape[2] != n or heads % B.shape[1]:
     raise ValueError(f"B: expected (batch, groups, state) = ({batch}, G, {n}) with G "
                      f"dividing heads={heads}, got shape {jnp.shape(B)}")
-  _check("B", B, B.shape, "(batch, groups, state)", like=("x", x))
-  _check("C", C, B.shape, "(batch, groups, state)", like=("x", x))
+  common.check("B", B, B.shape, "(batch, groups, state)", like=("x", x))
+  common.check("C", C, B.shape, "(batch, groups, state)", like=("x", x))
   _check_D(D, heads, head_dim)
-  _check("dt_bias", dt_bias, (heads,), "(heads,)")
+  common.check("dt_bias", dt_bias, (heads,), "(heads,)")
   f32 = common.f32
   dt32 = common.discretize(f32(dt), f32(dt_bias), dt_softplus)
   new_state, y = _step(f32(state), f32(x), dt32, f32(A), _heads(f32(B), heads, 1),
@@ -223,19 +223,19 @@ def _check_ssd_args(x, dt, A, B, C, D, dt_bias, initial_state, reset):
   if jnp.ndim(x) != 4:
     raise ValueError(f"x: expected (batch, length, heads, head_dim), got shape {jnp.shape(x)}")
   batch, length, heads, head_dim = x.shape
-  _check("x", x, x.shape, "(batch, length, heads, head_dim)")
-  _check("dt", dt, (batch, length, heads), "(batch, length, heads)", like=("x", x))
-  _check("A", A, (heads,), "(heads,): one scalar per head")
+  common.check("x", x, x.shape, "(batch, length, heads, head_dim)")
+  common.check("dt", dt, (batch, length, heads), "(batch, length, heads)", like=("x", x))
+  common.check("A", A, (heads,), "(heads,): one scalar per head")
   if (jnp.ndim(B) != 4 or B.shape[:2] != (batch, length) or B.shape[2] < 1
       or heads % B.shape[2]):
     raise ValueError(f"B: expected (batch, length, groups, state) = ({batch}, {length}, G, N) "
                      f"with G dividing heads={heads}, got shape {jnp.shape(B)}")
   n = B.shape[3]
-  _check("B", B, B.shape, "(batch, length, groups, state)", like=("x", x))
-  _check("C", C, B.shape, "(batch, length, groups, state) as B", like=("x", x))
+  common.check("B", B, B.shape, "(batch, length, groups, state)", like=("x", x))
+  common.check("C", C, B.shape, "(batch, length, groups, state) as B", like=("x", x))
   _check_D(D, heads, head_dim)
-  _check("dt_bias", dt_bias, (heads,), "(heads,)")
-  _check("initial_state", initial_state, (batch, heads, head_dim, n),
+  common.check("dt_bias", dt_bias, (heads,), "(heads,)")
+  common.check("initial_state", initial_state, (batch, heads, head_dim, n),
          "(batch, heads, head_dim, state)")
   if reset is not None:
     if jnp.shape(reset) != (batch, length):
@@ -251,17 +251,4 @@ def _check_D(D, heads, head_dim):
     raise ValueError(f"D: expected shape (heads,) = ({heads},) or (heads, head_dim) = "
                      f"({heads}, {head_dim}), got {jnp.shape(D)}")
   if D is not None:
-    _check("D", D, jnp.shape(D), "(heads,)")
-
-
-def _check(name, x, shape, names, like=None):
-  """Checks an optional float argument's shape, and its dtype against `like`."""
-  if x is None:
-    return
-  if jnp.shape(x) != tuple(shape):
-    raise ValueError(f"{name}: expected shape {names} = {tuple(shape)}, got {jnp.shape(x)}")
-  if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-    raise TypeError(f"{name}: expected a floating dtype, got {jnp.result_type(x)}")
-  if like is not None and jnp.result_type(x) != jnp.result_type(like[1]):
-    raise TypeError(f"{name}: dtype {jnp.result_type(x)} differs from {like[0]}'s "
-                    f"{jnp.result_type(like[1])}; pass both in one dtype")
+    common.check("D", D, jnp.shape(D), "(heads,)")
