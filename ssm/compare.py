@@ -113,6 +113,10 @@ def _matched_vision(cfg, family, ref, like):
   model, _, mismatch = match_vision(family, target, criterion=cfg.match, like=like,
                                     depth_hint=hint,
                                     depth=cfg.reference.n_layer if cfg.same_depth else None)
+  return _within_tolerance(cfg, family, ref, model, mismatch)
+
+
+def _within_tolerance(cfg, family, ref, model, mismatch):
   if abs(mismatch) > cfg.tolerance:
     raise ValueError(f"{family} cannot be matched to {cfg.reference.family} d_model "
                      f"{ref.d_model} within {cfg.tolerance:.0%} ({mismatch:+.1%}); try another "
@@ -140,11 +144,7 @@ def _matched(cfg, family, ref, seq_len, vocab):
   model, _, mismatch = match(family, target, criterion=cfg.match, seq_len=seq_len,
                              vocab_size=vocab, depth_hint=hint,
                              depth=cfg.reference.n_layer if cfg.same_depth else None)
-  if abs(mismatch) > cfg.tolerance:
-    raise ValueError(f"{family} cannot be matched to {cfg.reference.family} d_model "
-                     f"{ref.d_model} within {cfg.tolerance:.0%} ({mismatch:+.1%}); try another "
-                     "size, or free the depth with --config.same_depth=False")
-  return model
+  return _within_tolerance(cfg, family, ref, model, mismatch)
 
 
 def base_config(cfg):

@@ -53,3 +53,14 @@ def check(name, x, shape, names, like=None):
   if like is not None and jnp.result_type(x) != jnp.result_type(like[1]):
     raise TypeError(f"{name}: dtype {jnp.result_type(x)} differs from {like[0]}'s "
                     f"{jnp.result_type(like[1])}; pass both in one dtype")
+
+
+def check_reset(reset, batch, length):
+  """An optional `reset` mask: (batch, length), bool (or integer)."""
+  if reset is None:
+    return
+  if jnp.shape(reset) != (batch, length):
+    raise ValueError(f"reset: expected shape (batch, length) = {(batch, length)}, "
+                     f"got {jnp.shape(reset)}")
+  if not (jnp.issubdtype(reset.dtype, jnp.bool_) or jnp.issubdtype(reset.dtype, jnp.integer)):
+    raise TypeError(f"reset: expected a bool mask, got dtype {reset.dtype}")

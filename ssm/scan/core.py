@@ -121,10 +121,5 @@ def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, reset):
   common.check("D", D, (channels,), "(channels,)")
   common.check("delta_bias", delta_bias, (channels,), "(channels,)")
   common.check("initial_state", initial_state, (batch, channels, n), "(batch, channels, state)")
-  if reset is not None:
-    if jnp.shape(reset) != (batch, length):
-      raise ValueError(f"reset: expected shape (batch, length) = {(batch, length)}, "
-                       f"got {jnp.shape(reset)}")
-    if not (jnp.issubdtype(reset.dtype, jnp.bool_) or jnp.issubdtype(reset.dtype, jnp.integer)):
-      raise TypeError(f"reset: expected a bool mask, got dtype {reset.dtype}")
+  common.check_reset(reset, batch, length)
   return batch, length, channels

@@ -236,13 +236,8 @@ def _check_ssd_args(x, dt, A, B, C, D, dt_bias, initial_state, reset):
   _check_D(D, heads, head_dim)
   common.check("dt_bias", dt_bias, (heads,), "(heads,)")
   common.check("initial_state", initial_state, (batch, heads, head_dim, n),
-         "(batch, heads, head_dim, state)")
-  if reset is not None:
-    if jnp.shape(reset) != (batch, length):
-      raise ValueError(f"reset: expected shape (batch, length) = {(batch, length)}, "
-                       f"got {jnp.shape(reset)}")
-    if not (jnp.issubdtype(reset.dtype, jnp.bool_) or jnp.issubdtype(reset.dtype, jnp.integer)):
-      raise TypeError(f"reset: expected a bool mask, got dtype {reset.dtype}")
+               "(batch, heads, head_dim, state)")
+  common.check_reset(reset, batch, length)
   return batch, length, heads, head_dim, n
 
 
