@@ -4,8 +4,8 @@ attend to, and linear probes on frozen features; PNGs and summary.json in --out.
 
   # the ViT and ViT+registers a comparison trained (ssm-train workdirs)
   python scripts/registers.py --out docs/results/registers \
-      --model runs/compare-images/runs/vit-d64-l4-ref64-s0-lr0.003 \
-      --model runs/compare-images/runs/vit+reg-d64-l4-ref64-s0-lr0.003
+      --model runs/compare-images/runs/vit-d40-l3-ref40-s0-lr0.003 \
+      --model runs/compare-images/runs/vit+reg-d40-l3-ref40-s0-lr0.003
 
   # DINOv2 against DINOv2 with registers from the hub (a connected machine; a GPU helps)
   python scripts/registers.py --out runs/registers-dinov2 --image-size 224 \

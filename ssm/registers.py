@@ -483,6 +483,9 @@ def _resize(image, size):
 
 def _take(pipeline, split, n, offset):
   records = pipeline.records(split)
+  if offset + n > len(records):
+    raise ValueError(f"the {split} split has {len(records)} images; asked for images "
+                     f"{offset} to {offset + n}: ask for fewer")
   examples = [pipeline.example(records[i], None) for i in range(offset, offset + n)]
   images = np.stack([e["images"] for e in examples])
   labels = np.asarray([int(e["labels"]) for e in examples])

@@ -242,7 +242,7 @@ def test_image_comparison_runs_end_to_end(tmp_path):
   _, table, figures = run_compare(cfg, tmp_path)
   rows = {r["family"]: r for r in csv.DictReader((tmp_path / "results.csv").open())}
   assert set(rows) == {"vit+reg"} and "images_per_sec" in table
-  assert rows["vit+reg"]["registers"] == "4" and rows["vit+reg"]["d_model"] == "64"
+  assert rows["vit+reg"]["registers"] == "4" and rows["vit+reg"]["d_model"] == str(cfg.sizes[0])
   for r in rows.values():
     assert float(r["steps"]) == 2 and float(r["images"]) == 2 * 32
     assert float(r["images_per_sec"]) > 0 and float(r["train_flops_per_image"]) > 0

@@ -110,6 +110,20 @@ def test_fashion_mnist_local_files_are_the_dataset():
 
 
 @needs_fashion
+def test_local_splits_take_tfds_slices():
+  full = Images(batch_size=1, path=FASHION).records("train")
+  for split, part in [("train[:1000]", slice(0, 1000)), ("train[10%:20%]", slice(6000, 12000)),
+                      ("train[-7:]", slice(-7, None))]:
+    records = Images(batch_size=1, path=FASHION, train_split=split).records("train")
+    indices = range(60000)[part]
+    assert len(records) == len(indices)
+    for i in (0, len(indices) - 1):
+      assert np.array_equal(records[i]["image"], full[indices[i]]["image"])
+  with pytest.raises(ValueError, match="as tfds takes them"):
+    Images(batch_size=1, path=FASHION, train_split="train[:ten]").records("train")
+
+
+@needs_fashion
 def test_images_eval_is_normalised_and_train_is_augmented():
   p = Images(batch_size=16, path=FASHION, threads=1)
   raw = p.records("eval")

@@ -145,6 +145,17 @@ def _script():
 
 
 @pytest.mark.skipif(not Path(FASHION).is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_a_run_s_images_come_from_its_own_split():
+  import ml_collections as mlc
+  task = mlc.ConfigDict(dict(name="images", dataset="fashion_mnist", path=FASHION,
+                             train_split="train[:30]", crop_padding=0, flip=False))
+  images, labels, display = registers.task_images(task, "train", 30)
+  assert images.shape == (30, 28, 28, 1) and labels.shape == (30,) and display.max() <= 1
+  with pytest.raises(ValueError, match="has 30 images"):
+    registers.task_images(task, "train", 31)
+
+
+@pytest.mark.skipif(not Path(FASHION).is_dir(), reason="apt-get install dataset-fashion-mnist")
 def test_analysis_of_transformers_checkpoints_through_load_hf(tmp_path, capsys):
   """A Dinov2WithRegistersModel and a ViTModel with random weights, saved with
   save_pretrained, analysed by the script with no network: every figure, a summary

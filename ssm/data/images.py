@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import gzip
 import os
+import re
 import sys
 
 import grain
@@ -49,7 +50,7 @@ class Images(Pipeline):
   path: str = ""  # local files instead of tfds (mnist, fashion_mnist, cifar10)
   data_dir: str = ""
   download: bool = False
-  train_split: str = "train"
+  train_split: str = "train"  # tfds' syntax, slices too: "train[:10000]" (local files as well)
   eval_split: str = ""  # "": the dataset's (DATASETS)
   image_size: int = 0  # 0: the native size; else resize (required for imagenet2012)
   crop_padding: int = 2  # pad-and-crop at native size (0: off); CIFAR recipes use 4
@@ -213,8 +214,28 @@ def local_records(dataset, path, split):
         if package else ""
     raise FileNotFoundError(f"task (images): no directory {os.path.abspath(path)} with the "
                             f"{dataset} files{hint}; or unset task.path to use tfds")
-  images, labels = (_idx if fmt == "idx" else _cifar)(path, split)
-  return grain.MapDataset.source([dict(image=i, label=l) for i, l in zip(images, labels)])
+  name, bounds = _parse_split(split)
+  images, labels = (_idx if fmt == "idx" else _cifar)(path, name)
+  part = slice(*(_bound(b, len(labels)) for b in bounds)) if bounds else slice(None)
+  return grain.MapDataset.source([dict(image=i, label=l)
+                                  for i, l in zip(images[part], labels[part])])
+
+
+def _parse_split(split):
+  """tfds' split syntax, which the local readers share: "train", "train[:10000]",
+  "train[10%:]", "test[-500:]" -> (name, (start, stop) or None)."""
+  match = re.fullmatch(r"(\w+)(?:\[(-?\d*%?):(-?\d*%?)\])?", split)
+  if match is None:
+    raise ValueError(f"task (images): split {split!r}: expected a name with an optional "
+                     "slice, as tfds takes them: 'train', 'train[:10000]', 'train[:20%]'")
+  name, start, stop = match.groups()
+  return name, None if start is None else (start, stop)
+
+
+def _bound(text, n):
+  if not text:
+    return None
+  return round(int(text[:-1]) * n / 100) if text.endswith("%") else int(text)
 
 
 def _idx(path, split):
