@@ -112,15 +112,25 @@ def test_fashion_mnist_local_files_are_the_dataset():
 @needs_fashion
 def test_local_splits_take_tfds_slices():
   full = Images(batch_size=1, path=FASHION).records("train")
-  for split, part in [("train[:1000]", slice(0, 1000)), ("train[10%:20%]", slice(6000, 12000)),
-                      ("train[-7:]", slice(-7, None))]:
-    records = Images(batch_size=1, path=FASHION, train_split=split).records("train")
-    indices = range(60000)[part]
-    assert len(records) == len(indices)
-    for i in (0, len(indices) - 1):
-      assert np.array_equal(records[i]["image"], full[indices[i]]["image"])
+  part = Images(batch_size=1, path=FASHION, train_split="train[10%:-7]").records("train")
+  assert len(part) == 60000 - 6000 - 7
+  for i in (0, len(part) - 1):
+    assert np.array_equal(part[i]["image"], full[6000 + i]["image"])
   with pytest.raises(ValueError, match="as tfds takes them"):
     Images(batch_size=1, path=FASHION, train_split="train[:ten]").records("train")
+
+
+def test_split_slices_read_as_tfds_does():
+  from ssm.data.images import _bound, _parse_split
+  assert _parse_split("train") == ("train", None)
+  for split, want in [("train[:1000]", slice(0, 1000)), ("test[-500:]", slice(9500, 10000)),
+                      ("train[10%:20%]", slice(1000, 2000)), ("train[:]", slice(0, 10000))]:
+    name, bounds = _parse_split(split)
+    got = range(10000)[slice(*(_bound(b, 10000) for b in bounds))]
+    assert got == range(10000)[want], split
+  for bad in ("train[-%:]", "train[1:2:3]", "train[", ""):
+    with pytest.raises(ValueError, match="as tfds takes them"):
+      _parse_split(bad)
 
 
 @needs_fashion

@@ -224,7 +224,7 @@ def local_records(dataset, path, split):
 def _parse_split(split):
   """tfds' split syntax, which the local readers share: "train", "train[:10000]",
   "train[10%:]", "test[-500:]" -> (name, (start, stop) or None)."""
-  match = re.fullmatch(r"(\w+)(?:\[(-?\d*%?):(-?\d*%?)\])?", split)
+  match = re.fullmatch(r"(\w+)(?:\[((?:-?\d+%?)?):((?:-?\d+%?)?)\])?", split)
   if match is None:
     raise ValueError(f"task (images): split {split!r}: expected a name with an optional "
                      "slice, as tfds takes them: 'train', 'train[:10000]', 'train[:20%]'")
