@@ -36,7 +36,7 @@ from ssm import flops
 from ssm.generate import Sampling
 from ssm.generate.decode import decode, prefill, prepare, row_keys
 from ssm.models import LMConfig, build, get_preset
-from ssm.report import describe_device, write_section
+from ssm.report import attempt, describe_device, write_section
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 CPU_MAMBA = LMConfig(d_model=128, n_layer=4, vocab_size=256)
@@ -85,16 +85,6 @@ def measure(model, batch, context, steps, repeats, seed=0):
   if "peak_bytes_in_use" in stats:
     row["peak_bytes"] = stats["peak_bytes_in_use"]
   return row
-
-
-def attempt(fn, *args):
-  try:
-    return fn(*args)
-  except Exception as e:  # out of memory at the largest sizes: a row that says so
-    print(f"{str(e)[:300]}", file=sys.stderr)
-    return dict(error="out of memory" if "RESOURCE_EXHAUSTED" in str(e) else type(e).__name__)
-  finally:
-    jax.clear_caches()
 
 
 def table(rows):

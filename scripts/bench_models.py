@@ -38,7 +38,7 @@ from flax import nnx
 
 from ssm import flops
 from ssm.models import LMConfig, build, get_preset
-from ssm.report import describe_device, write_section
+from ssm.report import attempt, describe_device, write_section
 from ssm.config import base
 from ssm.train.metrics import peak_flops
 from ssm.train.optim import make_optimizer
@@ -126,17 +126,6 @@ def measure_decode(config, batch, context, decode_steps, seed=0):
   ids = jnp.zeros((batch,), jnp.int32)
   seconds = timed(lambda: decode(state, ids, cache), 3) / decode_steps
   return dict(batch=batch, ms_per_token=1e3 * seconds, tokens_s=batch / seconds)
-
-
-def attempt(fn, *args, **kwargs):
-  """fn's row, or {"error": ...} when it fails (out of memory at the largest sizes)."""
-  try:
-    return fn(*args, **kwargs)
-  except Exception as e:
-    print(f"{fn.__name__}: {str(e)[:300]}", file=sys.stderr)
-    return dict(error="out of memory" if "RESOURCE_EXHAUSTED" in str(e) else type(e).__name__)
-  finally:
-    jax.clear_caches()
 
 
 def describe(config):

@@ -5,6 +5,7 @@ on and a section of a markdown file replaced in place."""
 import csv
 import platform
 import statistics
+import sys
 from pathlib import Path
 
 import jax
@@ -14,6 +15,18 @@ def describe_device():
   device = jax.devices()[0]
   return (f"{device.platform} ({device.device_kind}, {platform.processor() or platform.machine()}, "
           f"{jax.local_device_count()} device(s))")
+
+
+def attempt(fn, *args, **kwargs):
+  """fn's row, or {"error": ...} when it fails (out of memory at a benchmark's largest
+  sizes), so that the table still lands; compiled executables are dropped after each."""
+  try:
+    return fn(*args, **kwargs)
+  except Exception as e:
+    print(f"{fn.__name__}: {str(e)[:300]}", file=sys.stderr)
+    return dict(error="out of memory" if "RESOURCE_EXHAUSTED" in str(e) else type(e).__name__)
+  finally:
+    jax.clear_caches()
 
 
 def write_section(path, name, body):

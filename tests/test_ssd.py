@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from ssm.scan import ssd, ssd_state_update
+from test_scan import assert_close
 
 BACKENDS = ["reference", "chunked"]
 # Tolerances, relative to the largest magnitude of the float64 result.
@@ -116,13 +117,6 @@ def np_args(x):
   return dict(x=x["x"], dt=x["dt"], A=x["A"], B=x["B"], C=x["C"], D=x["D"],
               dt_bias=x["dt_bias"], h0=x["initial_state"],
               reset=None if x["reset"] is None else x["reset"].astype(np.float64))
-
-
-def assert_close(actual, expected, tol, name):
-  actual = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
-  scale = max(np.max(np.abs(expected)), 1e-6)
-  err = np.max(np.abs(actual - expected)) / scale
-  assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
 
 
 def check_backend(impl, case, seed, dtype=np.float32, tol=F32_TOL, **kwargs):
