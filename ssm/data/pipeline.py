@@ -18,11 +18,11 @@ import sys
 
 import grain
 
-from ssm.data import images, tasks, text
+from ssm.data import images, tasks, text, tokenized
 from ssm.data.base import Pipeline
 
 # The pipelines a task name other than a synthetic task's (ssm.data.tasks.TASKS) makes.
-SOURCES = {"bytes": text.ByteText, "images": images.Images}
+SOURCES = {"bytes": text.ByteText, "text": tokenized.TokenizedText, "images": images.Images}
 
 
 @dataclasses.dataclass(frozen=True)

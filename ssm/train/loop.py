@@ -63,6 +63,8 @@ class Trainer:
     self.mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch(t.batch_size, self.mesh, t.grad_accum)
     self.pipeline = make_pipeline(config.task, t.batch_size, config.seed)
+    if config.model.get("kind") == "lm" and config.model.get("vocab_size") == 0:
+      config.model.vocab_size = self.pipeline.vocab_size  # 0: the task's (its tokenizer's)
     self.model_config = config_from_dict(config.model)
     check_model_fits_task(self.model_config, self.pipeline)
     abstract_model = nnx.eval_shape(lambda: build(self.model_config, rngs=nnx.Rngs(config.seed)))

@@ -43,12 +43,13 @@ def scored(batch, kind):
   return batch["loss_mask"].sum()
 
 
-def means(sums, bits_per_byte=False):
-  """Loss sums -> the metrics: every sum divided by the count of scored predictions."""
+def means(sums, bits_per_byte=0.0):
+  """Loss sums -> the metrics: every sum divided by the count of scored predictions.
+  `bits_per_byte`: scored tokens per byte of text (True: 1, bytes), or 0: no such metric."""
   count = jnp.maximum(sums["count"], 1.0)
   out = {k: v / count for k, v in sums.items() if k != "count"}
   if bits_per_byte:
-    out["bits_per_byte"] = out["loss"] / jnp.log(2.0)
+    out["bits_per_byte"] = out["loss"] * float(bits_per_byte) / jnp.log(2.0)
   return out
 
 
