@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from ssm.info import main
 
 
@@ -66,3 +68,45 @@ def test_vision_matches(capsys):
   assert "a vision model matches vit, vit+reg, vim, vim+reg" in capsys.readouterr().err
   assert main(["mamba-130m", "--match", "vim"]) == 2
   assert "language model matches language-model families" in capsys.readouterr().err
+
+
+def run(capsys, *argv):
+  """ssm-info's exit code and its stdout and stderr lines."""
+  code = main(list(argv))
+  out = capsys.readouterr()
+  return code, out.out.splitlines(), out.err.splitlines()
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["mamba-130m", "--seq-len", "-5"], "--seq-len -5: give a length of at least 1 token"),
+    (["mamba-130m", "--seq-len", "0"], "--seq-len 0: give a length of at least 1 token"),
+    (["mamba-130m", "--match", "transformer"],
+     "--match transformer: unknown family (did you mean transformer++?)"),
+    (["vit-s16", "--match", "vim+regs"], "--match vim+regs: unknown family (did you mean vim+reg?)"),
+    (["configs/nope.py:x"], "no config file 'configs/nope.py'"),
+    (["gpt2-small", "--seq-len", "4096"],
+     "length 4096: gpt2-small has 1024 learned positions; give --seq-len at most 1024"),
+    (["mamba130m"], "unknown preset 'mamba130m' (did you mean mamba-130m or mamba2-130m?)"),
+    (["."], ". has no config.json: give the --workdir of an ssm-train run"),
+])
+def test_bad_arguments_are_one_line_and_exit_2(capsys, argv, says):
+  code, out, err = run(capsys, *argv)
+  assert (code, out, len(err)) == (2, [], 1), err
+  assert err[0].startswith(f"ssm-info: {says}"), err[0]
+
+
+def test_lengths_default_to_the_model_s_positions(capsys):
+  code, out, _ = run(capsys, "gpt2-small")
+  assert code == 0 and "per token at length 1024 " in "\n".join(out)  # its 1024 positions, not 2048
+  code, out, _ = run(capsys, "gpt2-small", "--seq-len", "1024")
+  assert code == 0 and "per token at length 1024 " in "\n".join(out)
+
+
+def test_a_workdir_is_described_from_its_config_json(capsys, tmp_path):
+  from ssm.config import load_config_file
+  config = load_config_file("configs/mqar.py:hybrid")  # as ssm-train writes it
+  (tmp_path / "config.json").write_text(config.to_json_best_effort(indent=2))
+  code, out, _ = run(capsys, str(tmp_path))
+  by_file = run(capsys, "configs/mqar.py:hybrid")[1]
+  assert code == 0 and out[1:] == by_file[1:] and out[0].split() == ["model", str(tmp_path)]
+  assert "per token at length 64 " in "\n".join(out)
