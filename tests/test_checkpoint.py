@@ -1,7 +1,8 @@
 """ssm.train.checkpoint: which restore errors set a checkpoint aside (positive signs of
-corruption, each made here by damaging a real checkpoint) and which are retried and
-then stop the run with the checkpoint left in place; the verdict agreed on by all
-processes, simulated and on two real processes."""
+corruption, each made here by damaging a real checkpoint, checksums included) and
+which are retried and then stop the run with the checkpoint left in place; a state of
+another shape is a configuration error; the verdict agreed on by all processes,
+simulated and on two real processes."""
 
 import json
 import os
@@ -91,13 +92,17 @@ def test_persistent_transient_error_stops_with_the_checkpoint_in_place(saved, mo
   assert restore(saved) == (2, {"pos": 2})
 
 
-def test_restore_target_mismatch_is_not_corruption(saved):
-  # e.g. a changed model config: the old code set every checkpoint aside and began anew.
+def test_restore_target_mismatch_is_a_config_error_at_once(saved, monkeypatch):
+  # e.g. a changed model config: neither corruption (set aside) nor a read error (retried)
+  calls = failing(monkeypatch, OSError(5, "Input/output error"))
   ck = C.Checkpointer(saved, cfg())
-  target = C.abstract({**state(0), "w": jnp.zeros((16, 16))})
-  with pytest.raises(RuntimeError, match="step 2 could not be read.*shape"):
+  target = C.abstract({**state(0), "w": jnp.zeros((16, 16)), "b": jnp.zeros(3)})
+  with pytest.raises(ValueError, match=r"step 2 .* not this run's state: 2 arrays differ, "
+                     r"e.g. b: saved None, the run has \(3,\); w: saved \(32, 32\), the run "
+                     r"has \(16, 16\)\. checkpoint.resume_changed=True resumes only"):
     ck.restore_latest(target)
-  assert listing(saved) == ["1", "2"]
+  ck.close()
+  assert calls == [] and listing(saved) == ["1", "2"]
 
 
 def garble(f):
@@ -112,20 +117,77 @@ def remove(f):
   shutil.rmtree(f) if f.is_dir() else f.unlink()
 
 
-# What orbax 0.12 raises for each: UnicodeDecodeError, JSONDecodeError,
-# FileNotFoundError, KeyError, tensorstore's OUT_OF_RANGE, then orbax's Exception from
-# OUT_OF_RANGE, DATA_LOSS.
+def empty(f):
+  f.write_bytes(b"")
+
+
+def overwrite_start(f):
+  """The first bytes of a file overwritten (the issue's reproduction, on every file)."""
+  f.write_bytes(b"\x96" * 8 + f.read_bytes()[8:])
+
+
+def flip_a_bit(f):
+  """One bit inside the array data: it still decodes, to other numbers."""
+  data = bytearray(f.read_bytes())
+  data[len(data) // 2] ^= 0x10
+  f.write_bytes(bytes(data))
+
+
+def largest(directory):
+  return [max(directory.rglob("*"), key=lambda f: f.stat().st_size if f.is_file() else -1)]
+
+
+# Every way a file can rot, in every file orbax writes, the metrics beside each
+# checkpoint (orbax's manager reads them on opening the directory) included.
 @pytest.mark.parametrize("pattern,damage", [
     ("state/_METADATA", garble), ("data/metadata", truncate), ("data/metadata", remove),
     ("state", remove), ("state/d/*", truncate), ("state/ocdbt.process_0/d/*", truncate),
-    ("state/manifest.ocdbt", garble)])
+    ("state/manifest.ocdbt", garble), ("state/manifest.ocdbt", empty),
+    ("metrics/metrics", garble), ("metrics/metrics", truncate), ("metrics/metrics", empty),
+    ("metrics", remove), ("_CHECKPOINT_METADATA", garble), ("_CHECKPOINT_METADATA", empty),
+    ("state/array_metadatas/*", empty), (C.CHECKSUMS, truncate), ("**/*", overwrite_start),
+    ("**/*", empty), (largest, flip_a_bit)])
 def test_corrupt_newest_checkpoint_is_set_aside(saved, pattern, damage):
-  files = list((saved / "2").glob(pattern))
+  files = pattern(saved / "2") if callable(pattern) else [
+      f for f in (saved / "2").glob(pattern) if pattern != "**/*" or f.is_file()]
   assert files
   for f in files:
     damage(f)
   assert restore(saved) == (1, {"pos": 1})
   assert listing(saved) == ["1", "2.unreadable"]
+
+
+def test_checksums_are_written_once_an_async_save_completes(tmp_path):
+  c = cfg()
+  c.async_save = True
+  ck = C.Checkpointer(tmp_path, c)
+  for step in (1, 2):  # the second save waits for the first, whose callback has run
+    ck.save(step, state(step), {"pos": step}, {"eval/loss": 1.0})
+  ck.close()
+  for step in (1, 2):
+    recorded = json.loads((tmp_path / str(step) / C.CHECKSUMS).read_text())
+    files = {str(f.relative_to(tmp_path / str(step))) for f in (tmp_path / str(step)).rglob("*")
+             if f.is_file()}
+    # all but the checksums and orbax's commit time and marker, written after the callback
+    assert set(recorded) == files - {C.CHECKSUMS, "_CHECKPOINT_METADATA", "commit_success.txt"}
+    assert {"metrics/metrics", "data/metadata", "state/manifest.ocdbt"} <= set(recorded)
+    assert recorded == C.checksums(tmp_path / str(step))
+
+
+def test_an_older_checkpoint_whose_metrics_do_not_parse_is_set_aside(saved):
+  garble(saved / "1" / "metrics" / "metrics")  # orbax's manager read it on opening: a crash
+  assert restore(saved) == (2, {"pos": 2})
+  assert listing(saved) == ["1.unreadable", "2"]
+
+
+def test_the_same_step_set_aside_twice_gets_another_name(saved):
+  for n in range(2):
+    garble(saved / "2" / "state" / "_METADATA")
+    assert restore(saved) == (1, {"pos": 1})
+    ck = C.Checkpointer(saved, cfg())  # the run goes on and saves step 2 again
+    ck.save(2, state(2), {"pos": 2}, wait=True)
+    ck.close()
+  assert listing(saved) == ["1", "2", "2.unreadable", "2.unreadable-2"]
 
 
 @pytest.mark.parametrize("error,expected", [
@@ -155,6 +217,13 @@ def test_agree_takes_the_worst_verdict(monkeypatch, others, verdict):
 def other_process_says(monkeypatch, other):
   """Another process's verdict on each step, the worse one winning (as `agree` does)."""
   monkeypatch.setattr(C, "agree", lambda mine: max(mine, other))
+
+
+def test_mismatch_elsewhere_is_a_config_error_here_too(saved, monkeypatch):
+  other_process_says(monkeypatch, C.MISMATCH)
+  with pytest.raises(ValueError, match="step 2 .* not this run's state: a read error on another"):
+    restore(saved)
+  assert listing(saved) == ["1", "2"]
 
 
 def test_corrupt_elsewhere_sets_aside_here_too(saved, monkeypatch):

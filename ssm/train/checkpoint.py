@@ -3,18 +3,27 @@ and the input pipeline's position, saved asynchronously every N steps and at the
 end; the last K are kept, and the best by an eval metric. Restore goes onto the
 current mesh, whatever mesh wrote the checkpoint.
 
-A checkpoint that shows a positive sign of corruption (an item or metadata file
-missing, JSON that does not parse, array data that cannot be decoded) is set aside,
-with a warning, for the one before it: renamed <step>.unreadable, not deleted. Any
-other read error may be passing (a flaky filesystem): it is retried a few times, and
-if it persists the run stops with an error, the checkpoint left where it is. With
-several processes, each reads on its own and then all agree on the worst verdict
-before anything is renamed, so that all take the same branch."""
+Once a save has completed (written by every process, before orbax commits it), the
+CRC-32 of each of its files goes into ssm_checksums.json beside them; a restore checks
+them first, so that a flipped bit inside an array chunk, which would decode, is caught.
 
+A checkpoint that shows a positive sign of corruption (a checksum that differs, a file
+missing, JSON that does not parse, array data that cannot be decoded) is set aside,
+with a warning, for the one before it: renamed <step>.unreadable (-2, -3, ... if taken),
+not deleted. A checkpoint whose arrays do not have the names and shapes of the run's
+state (another model or optimizer) is a configuration error, raised at once as a
+ValueError naming them. Any other read error may be passing (a flaky filesystem): it
+is retried a few times, and if it persists the run stops with an error, the
+checkpoint left where it is. With several processes, each reads on its own and then
+all agree on the worst verdict before anything is renamed, so that all take the same
+branch."""
+
+import concurrent.futures
 import json
 import logging
 import re
 import time
+import zlib
 from pathlib import Path
 
 from flax import nnx
@@ -31,7 +40,14 @@ log = logging.getLogger("ssm.train")
 
 RESTORE_TRIES = 3  # reads of a checkpoint before an error that may be transient is fatal
 RESTORE_BACKOFF_S = 1.0  # wait before the second read; doubled before each further one
-OK, TRANSIENT, CORRUPT = 0, 1, 2  # a read's verdict; the processes agree on the worst
+# a read's verdict; the processes agree on the worst
+OK, TRANSIENT, MISMATCH, CORRUPT = 0, 1, 2, 3
+CHECKSUMS = "ssm_checksums.json"  # in each step directory: {relative path: CRC-32}
+# written after the checksums, when orbax commits (its commit time, and marker)
+UNCHECKED = (CHECKSUMS, "_CHECKPOINT_METADATA", "commit_success.txt")
+# The JSON files orbax's manager reads when it opens a directory (the metrics for
+# best_fn): one that does not parse would stop it before any checkpoint is tried.
+MANAGER_READS = ("_CHECKPOINT_METADATA", "metrics/metrics")
 # tensorstore's codes for array data that is missing or does not decode (truncated or
 # garbled files); "[OS error ...]" in the message is an I/O error instead.
 _TS_CORRUPT = re.compile(r"(DATA_LOSS|NOT_FOUND|OUT_OF_RANGE|FAILED_PRECONDITION): ")
@@ -49,12 +65,17 @@ class Checkpointer:
                                keep_checkpoints_without_metrics=False))
       logging.getLogger("absl").addFilter(_no_metrics_warning)
     # best_fn makes orbax write the metrics beside each checkpoint, so that the best
-    # one is still known after a restart.
+    # one is still known after a restart. Saves are always asynchronous, since only
+    # then does orbax call back once a save is complete and before it is committed
+    # (where the checksums are written); async_save=False waits for each.
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=1, enable_async_checkpointing=cfg.async_save,
+        save_interval_steps=1, enable_async_checkpointing=True,
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._write_checksums),
         preservation_policy=pp.AnyPreservationPolicy(policies), best_fn=best,
         best_mode=cfg.best_mode)
-    self.best_metric = cfg.best_metric
+    self.best_metric, self.wait_always, self.saving = cfg.best_metric, not cfg.async_save, None
+    self.directory = Path(directory)
+    self._set_aside_unparsable()
     self.manager = ocp.CheckpointManager(directory, options=options)
     # Reads on this process alone: the manager's restore ends at a barrier that a
     # process whose read failed never reaches; `agree` takes its place.
@@ -64,11 +85,23 @@ class Checkpointer:
 
   def save(self, step, state, data_position, metrics=None, wait=False):
     metrics = {k: float(v) for k, v in (metrics or {}).items() if k == self.best_metric} or None
+    self.manager.wait_until_finished()  # the previous save's callback has run: `saving` is free
+    self.saving = step
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position)),
         metrics=metrics, force=True)
-    if wait:
+    if wait or self.wait_always:
       self.manager.wait_until_finished()
+
+  def _write_checksums(self):
+    """orbax's callback once every process has written the save of step `saving`, in
+    the save's thread, before the directory is renamed to its step (when it commits)."""
+    if jax.process_index() != 0:
+      return
+    final = self._path(self.saving)
+    pending = final.with_name(final.name + ".orbax-checkpoint-tmp")
+    where = pending if pending.is_dir() else final  # filesystems that commit in place
+    (where / CHECKSUMS).write_text(json.dumps(checksums(where), indent=0))
 
   def restore_latest(self, abstract_state):
     """(step, state, data position) from the newest readable checkpoint, or None."""
@@ -78,27 +111,40 @@ class Checkpointer:
       why = describe(out) if mine != OK else "a read error on another process"
       if verdict == OK:
         return step, out["state"], out["data"]
+      if verdict == MISMATCH:
+        raise ValueError(f"the checkpoint at step {step} in {self.directory} is not this "
+                         f"run's state: {out if mine == MISMATCH else why}") from None
       if verdict == TRANSIENT:
         raise RuntimeError(
             f"checkpoint at step {step} could not be read ({why}; {RESTORE_TRIES} tries); "
             "it was NOT set aside, since this need not be corruption. Check the "
-            "filesystem (and that the model config is the run's) and rerun; or, to start "
-            "from the checkpoint before it, move "
+            "filesystem and rerun; or, to start from the checkpoint before it, move "
             f"{self._path(step)} away by hand.") from (out if mine != OK else None)
       aside = self._set_aside(step)
+      self.manager.reload()
       log.warning("checkpoint at step %d cannot be restored (%s); moved to %s, trying "
                   "the one before it", step, why, aside)
     return None
 
   def _read(self, step, abstract_state):
-    """(OK, restored items) or (CORRUPT or TRANSIENT, the error), this process's own
-    verdict; errors that may be transient are retried."""
+    """(OK, restored items) or (CORRUPT, MISMATCH or TRANSIENT, the error), this
+    process's own verdict; errors that may be transient are retried."""
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                               data=ocp.args.JsonRestore())
     for i in range(RESTORE_TRIES):
       if i:
         time.sleep(RESTORE_BACKOFF_S * 2 ** (i - 1))
       try:
+        if jax.process_index() == 0:  # one reader suffices: the verdicts are agreed on
+          verify_checksums(self._path(step))
+        saved = ocp.StandardCheckpointHandler().metadata(self._path(step) / "state")
+        wrong = differences(saved, abstract_state, "the run has")
+        if wrong:
+          return MISMATCH, (f"{len(wrong)} arrays differ, e.g. {'; '.join(wrong[:3])}. "
+                            "checkpoint.resume_changed=True resumes only across changes "
+                            "that keep every array's name and shape (e.g. the learning "
+                            "rate, the task's data, dtype, the scan); for this one give "
+                            "the run a new --workdir")
         return OK, self.reader.restore(self._path(step), args=args)
       except Exception as e:  # noqa: BLE001 - sorted into corrupt or maybe transient
         error = e
@@ -110,21 +156,48 @@ class Checkpointer:
     return TRANSIENT, error
 
   def _path(self, step):
-    return Path(self.manager.directory) / str(step)
+    return self.directory / str(step)
+
+  def _set_aside_unparsable(self):
+    """Sets aside the checkpoints whose files that orbax's manager reads on opening the
+    directory do not parse (before it opens it)."""
+    steps = sorted(int(p.name) for p in self.directory.glob("*") if p.name.isdigit()
+                   and p.is_dir()) if self.directory.is_dir() else []
+    for step in steps:
+      mine, error = OK, None
+      for name in MANAGER_READS:
+        try:
+          if (self._path(step) / name).exists():
+            json.loads((self._path(step) / name).read_bytes())
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+          mine, error = CORRUPT, e
+      if agree(mine) == CORRUPT:
+        aside = self._set_aside(step)
+        log.warning("checkpoint at step %d cannot be restored (%s); moved to %s", step,
+                    describe(error) if error else "a read error on another process", aside)
 
   def _set_aside(self, step):
-    """Renames an unreadable checkpoint (kept for inspection, out of the way); every
-    process calls this, after `agree`."""
+    """Renames an unreadable checkpoint (kept for inspection, out of the way) to a name
+    not yet taken; every process calls this, after `agree`."""
     path = self._path(step)
+    multihost_utils.sync_global_devices(f"name {step}")  # all see the same names taken
     aside = path.with_name(f"{step}.unreadable")
+    for n in range(2, 10_000):
+      if not aside.exists():
+        break
+      aside = path.with_name(f"{step}.unreadable-{n}")
     if jax.process_index() == 0 and path.exists():
       path.rename(aside)
     multihost_utils.sync_global_devices(f"set aside {step}")
-    self.manager.reload()
     return aside
 
   def latest_step(self):
     return self.manager.latest_step()
+
+  def best_step(self):
+    """The best checkpoint by checkpoint.best_metric, or None (no metric, or no eval of
+    a checkpoint's own step yet)."""
+    return self.manager.best_step() if self.best_metric else None
 
   def close(self):
     self.manager.wait_until_finished()
@@ -137,15 +210,58 @@ def _no_metrics_warning(record):
   return "did not provide metrics" not in record.getMessage()
 
 
+class ChecksumError(Exception):
+  pass
+
+
+def checksums(directory):
+  """{path relative to `directory`: CRC-32} of every file under it but UNCHECKED;
+  files are read in parallel (zlib releases the GIL)."""
+  files = sorted(f for f in Path(directory).rglob("*")
+                 if f.is_file() and str(f.relative_to(directory)) not in UNCHECKED)
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    sums = pool.map(_crc32, files)
+  return {str(f.relative_to(directory)): crc for f, crc in zip(files, sums)}
+
+
+def _crc32(path):
+  crc = 0
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 24):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def verify_checksums(directory):
+  """Raises ChecksumError if a file of the checkpoint differs from its checksum, and
+  FileNotFoundError if one is missing. A checkpoint saved by an older ssm (or in the
+  moment between its commit and its checksums, on filesystems that commit in place)
+  has none: it is read unchecked."""
+  if not (Path(directory) / CHECKSUMS).exists():
+    log.warning("%s has no %s: restored without checking its files", directory, CHECKSUMS)
+    return
+  want = json.loads((Path(directory) / CHECKSUMS).read_bytes())
+  for f in want:
+    if not (Path(directory) / f).is_file():
+      raise FileNotFoundError(f"{Path(directory) / f} is missing")
+  got = checksums(directory)
+  wrong = [f for f in want if got[f] != want[f]]
+  if wrong:
+    raise ChecksumError(f"{len(wrong)} files differ from their checksums ({CHECKSUMS}), "
+                        f"e.g. {wrong[0]}")
+
+
 def corrupt(error):
   """Whether a restore error is a positive sign of a damaged checkpoint. What orbax
   raises (tests/test_checkpoint.py damages each file): JSON that does not parse
   (JSONDecodeError, UnicodeDecodeError), a missing metadata file (FileNotFoundError) or
   item directory (KeyError), array data missing or not decoding (tensorstore's
-  DATA_LOSS and the like, often as the cause of orbax's own Exception)."""
+  DATA_LOSS and the like, often as the cause of orbax's own Exception); and a file
+  that differs from its checksum."""
   while error is not None:
     text = str(error)
-    if isinstance(error, (json.JSONDecodeError, UnicodeDecodeError, FileNotFoundError)):
+    if isinstance(error, (json.JSONDecodeError, UnicodeDecodeError, FileNotFoundError,
+                          ChecksumError)):
       return True
     if isinstance(error, KeyError) and "was not found in the checkpoint" in text:
       return True
@@ -204,14 +320,21 @@ def load_model(workdir, step=None, best=False):
   return nnx.merge(graphdef, abstract_state), config, step
 
 
+def differences(saved, wanted, has="the model has"):
+  """'name: saved (shape), <has> (shape)' for every array whose name or shape differs
+  between a checkpoint's tree and the one wanted (None: no such array)."""
+  def shapes(tree):  # orbax gives list indices and tuple fields back as dict keys
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                     for k in path): tuple(x.shape)
+            for path, x in jax.tree.leaves_with_path(tree)}
+  saved, wanted = shapes(saved), shapes(wanted)
+  return [f"{k}: saved {saved.get(k)}, {has} {wanted.get(k)}"
+          for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+
+
 def _check_fits(params, abstract_params, workdir):
   """The checkpoint's parameters have the names and shapes the config's model has."""
-  def shapes(tree):  # orbax gives list indices back as strings: compare names as text
-    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): x.shape
-            for path, x in jax.tree.leaves_with_path(tree)}
-  saved, wanted = shapes(params), shapes(abstract_params)
-  wrong = [f"{k}: saved {saved.get(k)}, the model has {wanted.get(k)}"
-           for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+  wrong = differences(params, abstract_params)
   if wrong:
     raise ValueError(f"{workdir}: the checkpoint is not the model its config.json builds "
                      f"({len(wrong)} parameters differ, e.g. {wrong[0]}); was config.json "
