@@ -71,3 +71,9 @@ def make_pipeline(config, batch_size, seed):
   if cls in SOURCES.values():
     return cls.from_config(fields, batch_size, seed)
   return Synthetic(tasks.make_task(fields, batch_size, seed))
+
+
+def task_vocab_size(config):
+  """The vocabulary a `config.task` needs (a text task's: its tokenizer's), without
+  reading its data."""
+  return make_pipeline(config, 1, 0).vocab_size

@@ -18,7 +18,9 @@ from flax import nnx
 
 from ssm.config import check as check_config
 from ssm.data import make_pipeline
+from ssm.data.pipeline import task_vocab_size
 from ssm.flops import compiled_flops, flops, param_count
+from ssm.info import architecture
 from ssm.models import LMConfig, build, config_from_dict
 from ssm.train import sharding
 from ssm.train.checkpoint import Checkpointer, abstract
@@ -32,6 +34,10 @@ log = logging.getLogger("ssm.train")
 
 class NonFiniteLoss(RuntimeError):
   pass
+
+
+class Stopped(RuntimeError):
+  """SIGTERM or Ctrl-C stopped the run after it saved a checkpoint: rerunning resumes it."""
 
 
 def setup_distributed(cfg):
@@ -58,13 +64,13 @@ class Trainer:
 
   def __init__(self, config, workdir):
     self.config, self.workdir = config, Path(workdir).absolute()  # orbax wants absolute paths
+    if config.model.get("kind") == "lm" and config.model.get("vocab_size") == 0:
+      config.model.vocab_size = task_vocab_size(config.task)  # 0: the task's (its tokenizer's)
     check_config(config)
     t = config.train
     self.mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch(t.batch_size, self.mesh, t.grad_accum)
     self.pipeline = make_pipeline(config.task, t.batch_size, config.seed)
-    if config.model.get("kind") == "lm" and config.model.get("vocab_size") == 0:
-      config.model.vocab_size = self.pipeline.vocab_size  # 0: the task's (its tokenizer's)
     self.model_config = config_from_dict(config.model)
     check_model_fits_task(self.model_config, self.pipeline)
     abstract_model = nnx.eval_shape(lambda: build(self.model_config, rngs=nnx.Rngs(config.seed)))
@@ -150,21 +156,26 @@ class Trainer:
   # --- the run -------------------------------------------------------------
   def run(self):
     """Trains from the newest checkpoint (or from the start) to train.steps, or until
-    an early stop or SIGTERM; returns the last metrics."""
+    an early stop; returns the last metrics. SIGTERM or Ctrl-C saves a checkpoint and
+    raises Stopped."""
     cfg = self.config
     self.workdir.mkdir(parents=True, exist_ok=True)
     self._check_same_run()
-    if jax.process_index() == 0:
-      (self.workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
     checkpointer = Checkpointer(self.workdir / "checkpoints", cfg.checkpoint)
     try:
       start, state, data, position = self._restore(checkpointer)
+      # Only once the restore succeeded: a rerun that cannot resume (another model
+      # under resume_changed, a read error) leaves the run's own config behind.
+      if jax.process_index() == 0:
+        (self.workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
       if start >= cfg.train.steps or position.get("stopped"):
         log.info("the run is complete (step %d of %d%s)", start, cfg.train.steps,
                  f"; stopped early: {position['stopped']}" if start < cfg.train.steps else "")
         path = self.workdir / "metrics.jsonl"
         rows = path.read_text().splitlines() if path.exists() else []  # train.steps=0
-        return {k: v for k, v in json.loads(rows[-1]).items() if k != "step"} if rows else {}
+        final = {k: v for k, v in json.loads(rows[-1]).items() if k != "step"} if rows else {}
+        self._report_end(start, final, checkpointer)
+        return final
       return self._train(start, state, data, checkpointer)
     finally:
       checkpointer.close()
@@ -173,7 +184,9 @@ class Trainer:
     """A workdir with checkpoints holds one run: another model, task, seed or optimizer
     there is an error (its checkpoints would not fit, or would mean something else)
     unless checkpoint.resume_changed; other changed keys (train.steps, the mesh, ...)
-    are a warning: they apply from the resumed step on."""
+    are a warning: they apply from the resumed step on. With resume_changed the run
+    resumes if the checkpoint's arrays still have this run's names and shapes (another
+    learning rate, task data, scan, ...); another shape is an error (Checkpointer)."""
     old_path, steps = self.workdir / "config.json", self.workdir / "checkpoints"
     if not old_path.exists() or not any(p.name.isdigit() for p in
                                         (steps.iterdir() if steps.exists() else ())):
@@ -185,7 +198,8 @@ class Trainer:
     if fatal and not self.config.checkpoint.resume_changed:
       raise ValueError(f"{self.workdir} holds a run of another model, task or optimizer: "
                        f"{', '.join(fatal)} differ from its config.json; give this run a new "
-                       "--workdir, or set checkpoint.resume_changed=True to resume it anyway")
+                       "--workdir, or set checkpoint.resume_changed=True to resume it anyway "
+                       "(possible while every parameter keeps its shape)")
     if changed:
       log.warning("resuming %s with changed %s (from the resumed step on)", self.workdir,
                   ", ".join(changed))
@@ -215,10 +229,12 @@ class Trainer:
       next(self.batches("eval"))
     batch = next(data)
     step_fn, eval_fn = self.compile_step(state, batch), self.make_eval()
-    writer = MetricsWriter(self.workdir, cfg.wandb, self._run_config(step_fn, batch), start,
-                           t.steps)
+    run_config = self._run_config(step_fn, batch)
+    self._report_start(batch)
+    writer = MetricsWriter(self.workdir, cfg.wandb, run_config, start, t.steps)
     stop, early = SignalFlag(), EarlyStop(t, cfg.checkpoint)
     metrics, last_eval, eval_step, tick, waited = {}, {}, None, time.perf_counter(), 0.0
+    stopping = False
     try:
       for step in range(start, t.steps):
         if step > start:
@@ -256,16 +272,51 @@ class Trainer:
           log.info("stopped at step %d: %s", done, early.reason)
           break
         if stopping:
-          log.warning("SIGTERM: saved the checkpoint at step %d; run the same command to "
-                      "resume", done)
-          print(f"stopped by SIGTERM at step {done}; checkpoint saved, rerun to resume",
-                flush=True)
           break
       writer.summary({**metrics, **last_eval})
     finally:
       stop.restore()
       writer.close()
-    return {k: float(v) for k, v in {**metrics, **last_eval}.items()}
+    if stopping:
+      raise Stopped(f"stopped by {stop.name or 'a signal to another process'} at step {done} "
+                    f"of {t.steps}, with a checkpoint "
+                    f"in {self.workdir / 'checkpoints'}: rerun the same command to resume")
+    final = {k: float(v) for k, v in {**metrics, **last_eval}.items()}
+    self._report_end(done, final, checkpointer)
+    return final
+
+  def _report_start(self, batch):
+    """The model's size, in run.json beside config.json and on the console."""
+    per_token = self.step_flops / 3 / (batch["inputs"].size if "inputs" in batch
+                                      else batch["images"].shape[0])
+    unit = "token" if self.pipeline.kind == "lm" else "image"
+    info = {"params": self.n_params, f"forward_flops_per_{unit}": per_token,
+            "train_flops_per_step": self.step_flops}
+    if self.pipeline.kind == "lm":
+      info["seq_len"] = batch["inputs"].shape[1]
+    if jax.process_index() == 0:
+      (self.workdir / "run.json").write_text(json.dumps(info, indent=1))
+      at = f" at length {info['seq_len']}" if "seq_len" in info else ""
+      print(f"{architecture(self.model_config)}\n{self.n_params:,} parameters; "
+            f"{per_token:.3e} FLOPs per {unit} forward{at}, {self.step_flops:.3e} per "
+            "training step (3x forward)", flush=True)
+
+  def _report_end(self, step, final, checkpointer):
+    """The final metrics, the best checkpoint and what the workdir holds."""
+    if jax.process_index() != 0:
+      return
+    shown = {k: v for k, v in final.items() if k.split("/")[-1].split("@")[0] in
+             ("loss", "accuracy", "bits_per_byte")}
+    print(f"step {step} of {self.config.train.steps}: "
+          + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()), flush=True)
+    checkpointer.manager.wait_until_finished()
+    steps, best = checkpointer.manager.all_steps(), checkpointer.best()
+    metric = self.config.checkpoint.best_metric
+    print(f"checkpoints: steps {', '.join(map(str, sorted(steps))) or 'none'}; "
+          + (f"best by {metric}: step {best[0]} ({metric} {best[1]:.4g})" if best else
+             f"none ranked by {metric or 'checkpoint.best_metric (empty)'}"), flush=True)
+    print(f"in {self.workdir}: " + ", ".join(
+        p.name + "/" * p.is_dir() for p in sorted(self.workdir.iterdir())), flush=True)
 
   def _run_config(self, step_fn, batch):
     """The config logged with the run: the resolved config, parameters and FLOPs.
@@ -303,11 +354,17 @@ class Trainer:
   def _check_finite(self, state, step, checkpointer):
     bad = int(state["first_bad_step"])
     if bad >= 0:
-      last = checkpointer.latest_step()
-      raise NonFiniteLoss(
-          f"the loss became NaN or inf at step {bad + 1} (found at step {step}); stopped. "
-          f"The last good checkpoint is step {last} in {self.workdir / 'checkpoints'}. "
-          "Lower train.lr, raise train.warmup_steps or set train.clip_norm, then rerun.")
+      # Every checkpoint was checked before it was saved: the newest is from before.
+      last, fix = checkpointer.latest_step(), ("lower train.lr, raise train.warmup_steps "
+                                              "or set train.clip_norm")
+      where = (f"The newest checkpoint, step {last} in {self.workdir / 'checkpoints'}, is "
+               f"from before it: to go on from there, {fix} and rerun with "
+               "--config.checkpoint.resume_changed=True (needed for changed optimizer "
+               "settings), or start afresh with a new --workdir." if last is not None else
+               f"No checkpoint was saved before it (checkpoint.every="
+               f"{self.config.checkpoint.every}): {fix}, and rerun (from the start).")
+      raise NonFiniteLoss(f"the loss became NaN or inf at step {bad + 1} (found at step "
+                          f"{step}); stopped. {where}")
 
 
 class _GlobalBatches:
