@@ -224,7 +224,7 @@ def plot_norms(results, path, layers=None):
       ax.hist(cls.ravel(), bins, color="tab:green", alpha=0.8, label="CLS")
       if regs.size:
         ax.hist(regs.ravel(), bins, color="tab:red", alpha=0.8, label="registers")
-      ax.axvline(r["thresholds"][layer], color="k", ls="--", lw=1)
+      ax.axvline(r["thresholds"][layer], color="k", ls="--", lw=1, label="outlier threshold")
       ax.set_yscale("log")
       ax.set_title(f"{name}\nlayer {layer + 1}" if layer == layers[0] else f"layer {layer + 1}",
                    fontsize=8)
@@ -236,16 +236,27 @@ def plot_norms(results, path, layers=None):
 
 
 def plot_outlier_fraction(results, path):
-  """The fraction of patch tokens that are outliers, per layer, one line per model."""
+  """The fraction of patch tokens that are outliers, per layer, one line per model:
+  each model with its own marker and nudged sideways, so that equal lines (all at 0%
+  where there are none) stay visible; "none found" written on it then."""
   plt = _plt()
   fig, ax = plt.subplots(figsize=(5, 3.4))
-  for name, r in results.items():
-    ax.plot(np.arange(1, len(r["outlier_fraction"]) + 1), 100 * np.asarray(r["outlier_fraction"]),
-            "o-", label=name)
+  n_layer = max(len(r["outlier_fraction"]) for r in results.values())
+  percent = {name: 100 * np.asarray(r["outlier_fraction"]) for name, r in results.items()}
+  for i, (name, y) in enumerate(percent.items()):
+    nudge = 0.08 * (i - (len(percent) - 1) / 2)
+    ax.plot(np.arange(1, len(y) + 1) + nudge, y, "osD^v<>p"[i % 8] + "-", ms=6, mfc="none",
+            label=name, clip_on=False)  # markers at 0% whole
+  top = max(float(y.max()) for y in percent.values())
+  if top == 0:
+    ax.text(0.5, 0.5, "none found: no high-norm patch token\nin any model at any layer",
+            transform=ax.transAxes, ha="center", va="center", fontsize=9)
+  ax.set_xticks(range(1, n_layer + 1))
+  ax.set_ylim(0, max(1.0, 1.15 * top))  # a fraction: never below 0%
   ax.set_xlabel("layer")
   ax.set_ylabel("high-norm patch tokens (%)")
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=7, loc="upper left")
   fig.tight_layout()
   return _save(fig, path)
 
@@ -255,6 +266,7 @@ def plot_outliers(display, results, path, n=6):
   plt = _plt()
   names = list(results)
   fig, axes = plt.subplots(len(names), n, figsize=(1.6 * n, 1.8 * len(names)), squeeze=False)
+  found = 0
   for row, name in zip(axes, names):
     r = results[name]
     mask = r["outliers"][-1]
@@ -266,8 +278,13 @@ def plot_outliers(display, results, path, n=6):
         y, x = divmod(int(p), g)
         ax.add_patch(plt.Rectangle((x * h - 0.5, y * h - 0.5), h, h, fill=False, color="red",
                                    lw=1.5))
-    row[0].set_ylabel(name, fontsize=7)
-  fig.suptitle("high-norm patch tokens at the last layer (red)", fontsize=9)
+    shown = int(mask[:n].sum())
+    found += shown
+    note = (f"{shown} boxed" if shown else
+            f"none here ({int(mask.sum())} in all)" if mask.any() else "none found")
+    row[0].set_ylabel(f"{name}\n{note}", fontsize=7)
+  fig.suptitle("high-norm patch tokens\nat the last layer" +
+               (" (boxed in red)" if found else ": none found"), fontsize=8)
   fig.tight_layout()
   return _save(fig, path)
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import require
 from ssm import registers
 from ssm.models import ViT, ViTConfig
 
@@ -160,8 +161,8 @@ def test_analysis_of_transformers_checkpoints_through_load_hf(tmp_path, capsys):
   """A Dinov2WithRegistersModel and a ViTModel with random weights, saved with
   save_pretrained, analysed by the script with no network: every figure, a summary
   with the registers' and probes' entries; bad input is one line."""
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
+  torch = require("torch")
+  transformers = require("transformers")
   torch.manual_seed(0)
   small = dict(image_size=28, patch_size=7, hidden_size=32, num_hidden_layers=2,
                num_attention_heads=4, intermediate_size=64)
@@ -187,14 +188,91 @@ def test_analysis_of_transformers_checkpoints_through_load_hf(tmp_path, capsys):
                       "20", "--batch-size", "20", "--show", "1"]) == 0
   summary = json.loads((out / "summary.json").read_text())
   assert summary["dino"]["registers"] == 4 and summary["vit"]["registers"] == 0
-  assert summary["dino"]["register_attention_to_special"] is not None
+  # the script's summary is the library's analysis of the same images, probes apart
+  x, _, display = registers.dataset_images("fashion_mnist", "eval", 4, size=28, path=FASHION)
+  for name in ("dino", "vit"):
+    expected = registers.analyse_model(load_hf(tmp_path / name), x, display=display)["summary"]
+    got = {k: v for k, v in summary[name].items() if not k.startswith("probe")}
+    assert sorted(got) == sorted(expected)
+    for k, v in expected.items():  # None: no registers, no outliers to locate
+      assert got[k] is None if v is None else got[k] == pytest.approx(v, rel=1e-5), k
+  assert set(summary["dino"]) - set(summary["vit"]) == {"register_attention_to_special"}
+  assert summary["dino"]["registers"] == 4 and summary["dino"]["layers"] == 2
   for s in summary.values():
-    assert 0 <= s["probe_cls"] <= 1 and s["probe_train_images"] == 40
-    assert 0 <= s["outlier_fraction_last"] <= 1 and 0 <= s["background_patch_share"] <= 1
-    assert 0 <= s["cls_attention_on_background"] <= 1
+    assert (s["probe_train_images"], s["probe_test_images"]) == (40, 20)
+    assert s["probe_cls_ridge"] in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1, 10, 100)
+    assert s["probe_cls"] in [i / 20 for i in range(21)]  # a share of the 20 test images
   for png in ("norms", "outlier_fraction", "outliers", "cls_attention", "register_attention"):
     assert (out / f"{png}.png").stat().st_size > 1000
   capsys.readouterr()
   assert script.main(["--model", str(tmp_path / "vit"), "--out", str(out), "--image-size",
                       "30", "--probe-train", "0"]) == 2
   assert "not a multiple of the patch size 7" in capsys.readouterr().err
+
+
+@pytest.fixture
+def figures(monkeypatch):
+  """{file name: Figure} of every figure ssm.registers saves (still written to disk)."""
+  caught, save = {}, registers._save
+
+  def keep(fig, path):
+    caught[Path(path).name] = fig
+    return save(fig, path)
+
+  monkeypatch.setattr(registers, "_save", keep)
+  return caught
+
+
+def fake_results(outlier_layers=()):
+  """Two models' results as analyse_model returns them (3 layers, 5 images, 4x4
+  patches, the second with 2 registers); outliers planted in images 0 and 3 at the
+  given layers."""
+  rng = np.random.default_rng(0)
+  results = {}
+  for name, R in (("vit", 0), ("vit+reg", 2)):
+    norms = rng.uniform(10, 20, (3, 5, 1 + R + 16))
+    outliers = np.zeros((3, 5, 16), bool)
+    for layer in outlier_layers:
+      outliers[layer, 0, 5] = outliers[layer, 3, [1, 2]] = True
+    results[name] = dict(registers=R, norms=norms, outliers=outliers, thresholds=[40.0] * 3,
+                         outlier_fraction=[float(m.mean()) for m in outliers])
+  return results
+
+
+def test_register_figures_say_what_they_show(tmp_path, figures):
+  """outlier_fraction.png: a tick per layer, a 0% floor, each model visible where the
+  lines coincide, "none found" where there are none; outliers.png: a red box per
+  outlier in the images shown, or "none found"; norms.png: the threshold in the legend."""
+  display = np.random.default_rng(1).uniform(size=(5, 28, 28, 1))
+  none = fake_results()
+  registers.plot_outlier_fraction(none, tmp_path / "outlier_fraction.png")
+  ax = figures["outlier_fraction.png"].axes[0]
+  assert list(ax.get_xticks()) == [1, 2, 3] and ax.get_ylim() == (0, 1)
+  assert [t.get_text() for t in ax.texts] == ["none found: no high-norm patch token\n"
+                                              "in any model at any layer"]
+  vit, reg = ax.get_lines()
+  assert vit.get_marker() != reg.get_marker()
+  assert list(vit.get_ydata()) == list(reg.get_ydata()) == [0, 0, 0]
+  assert list(reg.get_xdata() - vit.get_xdata()) == pytest.approx([0.08] * 3)
+
+  registers.plot_outliers(display, none, tmp_path / "outliers.png", n=4)
+  fig = figures["outliers.png"]
+  assert fig._suptitle.get_text() == "high-norm patch tokens\nat the last layer: none found"
+  assert [fig.axes[i].get_ylabel() for i in (0, 4)] == ["vit\nnone found", "vit+reg\nnone found"]
+  assert not any(ax.patches for ax in fig.axes)
+
+  planted = fake_results(outlier_layers=(1, 2))
+  registers.plot_outlier_fraction(planted, tmp_path / "outlier_fraction.png")
+  ax = figures["outlier_fraction.png"].axes[0]
+  assert not ax.texts and list(ax.get_lines()[0].get_ydata()) == [0, 3 / 80 * 100, 3 / 80 * 100]
+  assert ax.get_ylim() == (0, pytest.approx(1.15 * 3.75))  # above 1%: the axis holds it
+  registers.plot_outliers(display, planted, tmp_path / "outliers.png", n=2)
+  fig = figures["outliers.png"]
+  assert fig._suptitle.get_text() == "high-norm patch tokens\nat the last layer (boxed in red)"
+  assert [len(ax.patches) for ax in fig.axes] == [1, 0, 1, 0]  # image 3 is not shown
+  assert fig.axes[0].get_ylabel() == "vit\n1 boxed"
+  assert {p.get_edgecolor() for ax in fig.axes for p in ax.patches} == {(1.0, 0.0, 0.0, 1.0)}
+
+  registers.plot_norms(planted, tmp_path / "norms.png")
+  legend = figures["norms.png"].axes[0].get_legend()
+  assert [t.get_text() for t in legend.get_texts()] == ["patches", "CLS", "outlier threshold"]
