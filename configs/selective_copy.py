@@ -1,6 +1,7 @@
 """Selective copying (Mamba paper, section 4.1.1) with a Mamba, Transformer++ or
 hybrid model, small enough to train on a 2-core CPU in a few minutes: 4 data tokens
-among 56 noise tokens (seq_len 64), vocab 16 (noise 0, data 1..14, marker 15).
+among 56 noise tokens, then 4 markers (seq_len 64 = 56 + 2 x 4), vocab 16 (noise 0,
+data 1..14, marker 15).
 
   ssm-train --config configs/selective_copy.py:mamba --workdir runs/sc-mamba
   ssm-train --config configs/selective_copy.py:transformer --workdir runs/sc-tpp

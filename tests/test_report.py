@@ -166,3 +166,34 @@ def test_one_size_is_a_bar_per_family(tmp_path, figures):
   assert [t.get_text() for t in ax.get_xticklabels()] == [
       "hybrid\n64k params\n750 steps", "mamba\n64k params\n1,250 steps"]
   assert figures["loss.png"]._suptitle.get_text() == "selective copying"
+
+
+# --- docs that agree with the code --------------------------------------------------
+
+def test_docs_agree_with_the_code():
+  """Selective copying's noise count in its config and results README is what the task
+  generates; the README's configs list names every :ARG of the small-LM task configs;
+  docs/README.md points at no issue number a reader cannot see."""
+  import re
+
+  import numpy as np
+
+  from ssm.config import SMALL_LMS, load_config_file
+  from ssm.data.tasks import make_task
+
+  task = load_config_file(str(ROOT / "configs" / "selective_copy.py:mamba")).task
+  inputs, _, _ = make_task(task, 1, 0).example(np.random.default_rng(0))
+  M = task.num_tokens_to_copy
+  noise = int((inputs[:len(inputs) - M] == 0).sum())
+  assert (noise, M) == (56, 4)
+  for doc in ("configs/selective_copy.py", "configs/compare/selective_copy.py",
+              "docs/results/compare-selective-copy/README.md"):
+    text = " ".join((ROOT / doc).read_text().split())
+    assert re.findall(r"among (\d+) noise tokens", text) == [str(noise)], doc
+  line = next(l for l in (ROOT / "README.md").read_text().splitlines()
+              if l.startswith("| `configs/` |"))
+  small = line.split("`listops.py`:")[1].split(";")[0]
+  assert re.findall(r":(\w+)", small) == list(SMALL_LMS)
+  for name in ("mqar", "selective_copy", "induction_heads", "listops"):
+    assert f'small_lm(arch' in (ROOT / "configs" / f"{name}.py").read_text()
+  assert not re.search(r"issue \d", (ROOT / "docs" / "README.md").read_text())
