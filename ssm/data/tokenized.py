@@ -111,9 +111,19 @@ class TokenizedText(Pipeline):
 
   @property
   def bits_per_byte(self):
-    """Scored tokens per byte of the eval split: the loss's factor to bits per byte."""
-    meta = self.split("eval").meta
+    """The loss's factor to bits per byte (ln 2 aside): the eval split's tokens per byte."""
+    return self.tokens_per_byte("eval")
+
+  def tokens_per_byte(self, split):
+    """Scored tokens (the ids and each document's EOS) per UTF-8 byte of the split."""
+    meta = self.split(split).meta
     return (meta["tokens"] + meta["documents"] * (self.tok.eos_id is not None)) / meta["bytes"]
+
+  def packed_tokens(self, split):
+    """Tokens in one pass over the split, as packed (BOS, ids, EOS per document)."""
+    meta = self.split(split).meta
+    specials = 1 + (self.tok.eos_id is not None and self.tok.eos_id != self.tok.bos_id)
+    return meta["tokens"] + meta["documents"] * specials
 
   @functools.lru_cache(maxsize=2)  # noqa: B019  (the pipeline lives as long as the run)
   def split(self, split):
