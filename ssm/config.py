@@ -3,7 +3,11 @@
 locked so that a misspelt override is an error that names the valid keys."""
 
 import dataclasses
+import functools
 import importlib.util
+import inspect
+import re
+import types
 import typing
 from pathlib import Path
 
@@ -11,11 +15,11 @@ import ml_collections as mlc
 
 from ssm.data import tasks
 from ssm.data.base import LOOP_FIELDS
-from ssm.data.pipeline import SOURCES, task_class
+from ssm.data.pipeline import SOURCES, make_pipeline, task_class
 from ssm.fields import check_keys, require
 from ssm.layers import MambaConfig
 from ssm.layers.attention import AttentionConfig
-from ssm.models import KINDS, LMConfig
+from ssm.models import KINDS, LMConfig, config_from_dict
 
 
 def base():
@@ -65,6 +69,45 @@ def check(c):
                     "expected 'cosine' or 'constant'"))
   require("checkpoint", every=at_least(k.every, 1), keep=at_least(k.keep, 1),
           best_mode=(k.best_mode, k.best_mode in ("min", "max"), "expected 'min' or 'max'"))
+  from ssm.train.metrics import WANDB_MODES, wandb_mode  # (ssm.train imports this module)
+  require("wandb", mode=(c.wandb.mode, c.wandb.mode in WANDB_MODES,
+                         f"expected one of {', '.join(WANDB_MODES)}"))
+  wandb_mode(c.wandb.mode)  # "auto" defers to WANDB_MODE: a bad one is an error now
+  _check_run(c)
+
+
+def _check_run(c):
+  """What the model, task and evals of a run would otherwise find out only after
+  compiling or at the first eval: lengths beyond learned positions, stop and best
+  metrics that the evals do not give."""
+  from ssm.train.stopping import EarlyStop
+  t, k = c.train, c.checkpoint
+  pipeline = make_pipeline(c.task, t.batch_size, c.seed)
+  model = config_from_dict(c.model)
+  variants = pipeline.eval_variants()
+  if isinstance(model, LMConfig) and model.positions == "learned":
+    for what, p in [("trains", pipeline), *(("evaluates", p) for _, p in variants)]:
+      if p.seq_len > model.max_position_embeddings:
+        raise ValueError(f"the run {what} at length {p.seq_len}, beyond the model's "
+                         f"{model.max_position_embeddings} learned positions: raise "
+                         "model.max_position_embeddings or shorten task.seq_len / "
+                         "task.eval_seq_lens")
+  # The formats now (eval_every 1: whether or not evals will check them, as the loop says).
+  early = EarlyStop(types.SimpleNamespace(stop_when=t.stop_when, patience=t.patience,
+                                          eval_every=1), k)
+  if not t.eval_every:
+    return
+  # The metrics Trainer.evaluate gives; bits per byte where the task's loss is one (a
+  # property on some pipelines, measured on the eval split: looked up, not read).
+  metrics = ["loss", "accuracy"] + (["bits_per_byte"] if inspect.getattr_static(
+      pipeline, "bits_per_byte") else [])
+  evals = [f"eval/{m}{suffix}" for suffix in ["", *(s for s, _ in variants)] for m in metrics]
+  if early.threshold and early.threshold[0] not in evals:
+    raise ValueError(f"train.stop_when={t.stop_when!r} names {early.threshold[0]!r}; the "
+                     f"evals give {', '.join(evals)}")
+  if k.best_metric and k.best_metric not in evals:
+    raise ValueError(f"checkpoint.best_metric={k.best_metric!r}: the evals give "
+                     f"{', '.join(evals)} (or '' for none)")
 
 
 def lock(c):
@@ -130,10 +173,10 @@ def command(prog, usage, run):
   raises an error (a wrong :ARG, a bad value) is one line on stderr and exit 2."""
   import sys
 
-  from absl import app
+  from absl import app, flags
 
   argv = sys.argv[1:]
-  if "-h" in argv or "--help" in argv:
+  if {"-h", "--help", "--helpshort", "--helpfull"} & set(argv):
     print(usage.strip())
     sys.exit(0)
   spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
@@ -157,7 +200,33 @@ def command(prog, usage, run):
         _check_key(config, arg[len("--config."):].split("=", 1)[0])
   except (ValueError, KeyError, TypeError) as e:
     fail(e)
-  app.run(run)
+
+  def parse_flags(args):  # absl's, with its errors one line
+    try:
+      return flags.FLAGS(args)
+    except flags.Error as e:
+      fail(_flag_error(e, config, prog))
+  app.run(run, flags_parser=parse_flags)
+
+
+def _flag_error(error, config, prog):
+  """absl's flag error as what to do: a value of the wrong type names the type the key
+  takes and its value in the config file; a missing flag says what it is for."""
+  message = str(error)
+  bad_value = re.match(r"flag --config\.([\w.]+)=(.*?): ", message)
+  missing = re.search(r"Flag --(\w+) must have a value other than None", message)
+  if bad_value:
+    key, value = bad_value.groups()
+    *path, last = key.split(".")
+    node = functools.reduce(lambda node, part: node[part], path, config)
+    kind, default = node.get_ref(last).get_type().__name__, node[last]
+    return (f"--config.{key}={value}: expected a{'n' * (kind[0] in 'aeiou')} {kind}"
+            + (f" like the config file's {default!r}" if default is not None else ""))
+  if missing:
+    from absl import flags
+    name = missing.group(1)
+    return f"--{name} is required ({flags.FLAGS[name].help}); {prog} --help says more"
+  return f"{message}; {prog} --help says more"
 
 
 def _check_key(config, dotted):

@@ -100,7 +100,7 @@ def test_task_config_holds_the_defaults_and_names_what_is_wrong():
     task_config("mqar", vocab_size=64, seq_len=64, seed=1)
   with pytest.raises(ValueError, match="seq_len has no default"):
     task_config("bytes", path="x.txt")
-  with pytest.raises(ValueError, match="unknown task 'mqr'.*bytes, images"):
+  with pytest.raises(ValueError, match="unknown task 'mqr'; known tasks: mqar, .*bytes, .*images"):
     task_config("mqr")
   # An int given for a float field stays overridable by floats.
   c = task_config("mqar", vocab_size=64, seq_len=64, power_a=1)
@@ -125,3 +125,46 @@ def test_commands_have_help_and_one_line_config_errors(command, args, code, says
   assert out.returncode == code, out.stderr[-2000:]
   text = out.stdout + out.stderr
   assert says in text and "Traceback" not in text, text[-2000:]
+
+
+@pytest.mark.parametrize("spec,overrides,env,says", [
+    ("mqar.py:mamba", {}, {"WANDB_MODE": "bogus"},
+     "WANDB_MODE='bogus': expected one of online, offline, disabled (or unset it)"),
+    ("mqar.py:mamba", {"train.stop_when": "eval/acc>=0.9"}, {},
+     "train.stop_when='eval/acc>=0.9' names 'eval/acc'; the evals give eval/loss, "
+     "eval/accuracy"),
+    ("mqar.py:mamba", {"checkpoint.best_metric": "eval/bpb", "train.stop_when": ""}, {},
+     "checkpoint.best_metric='eval/bpb': the evals give eval/loss, eval/accuracy (or '' "
+     "for none)"),
+    ("induction_heads.py:mamba", {"train.stop_when": "eval/accuracy@2048>=0.9"}, {},
+     "train.stop_when='eval/accuracy@2048>=0.9' names 'eval/accuracy@2048'; the evals give "
+     "eval/loss, eval/accuracy, eval/loss@128, eval/accuracy@128, eval/loss@256"),
+    ("bytes.py:mamba", {"model.positions": "learned", "model.max_position_embeddings": 128},
+     {}, "the run trains at length 256, beyond the model's 128 learned positions"),
+])
+def test_check_finds_what_would_fail_after_compiling(spec, overrides, env, says, monkeypatch):
+  """ssm.config.check (the Trainer's first call): the stop and best metrics the evals
+  give, lengths within learned positions, W&B's mode from WANDB_MODE."""
+  from ssm.config import check
+  monkeypatch.delenv("WANDB_MODE", raising=False)
+  check(parse(str(CONFIGS / spec)))  # as the file has it: runs
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  c = parse(str(CONFIGS / spec), *(f"--config.{k}={v}" for k, v in overrides.items()))
+  with pytest.raises(ValueError) as e:
+    check(c)
+  assert str(e.value).startswith(says), str(e.value)
+
+
+@pytest.mark.parametrize("env,mode", [({}, "offline"), ({"WANDB_MODE": "disabled"}, "disabled"),
+                                      ({"WANDB_MODE": "dryrun"}, "offline"),
+                                      ({"WANDB_MODE": "online"}, "online")])
+def test_wandb_auto_follows_wandb_mode(env, mode, monkeypatch, tmp_path):
+  from ssm.train.metrics import wandb_mode
+  monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no credentials
+  monkeypatch.delenv("WANDB_API_KEY", raising=False)
+  monkeypatch.delenv("WANDB_MODE", raising=False)
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  assert wandb_mode("auto") == mode
+  assert wandb_mode("offline") == "offline"  # an explicit mode wins

@@ -212,7 +212,7 @@ def local_records(dataset, path, split):
     package = DEBIAN_PACKAGES.get(dataset)
     hint = f" (Debian: `apt-get install {package}` puts them in /usr/share/datasets/)" \
         if package else ""
-    raise FileNotFoundError(f"task (images): no directory {os.path.abspath(path)} with the "
+    raise ValueError(f"task (images): no directory {os.path.abspath(path)} with the "
                             f"{dataset} files{hint}; or unset task.path to use tfds")
   name, bounds = _parse_split(split)
   images, labels = (_idx if fmt == "idx" else _cifar)(path, name)
@@ -248,7 +248,7 @@ def _idx(path, split):
     name = os.path.join(path, f"{prefix}-{kind}-ubyte")
     name = name if os.path.exists(name) else name + ".gz"
     if not os.path.exists(name):
-      raise FileNotFoundError(f"task (images): {name} not found")
+      raise ValueError(f"task (images): {name} not found")
     with (gzip.open if name.endswith(".gz") else open)(name, "rb") as f:
       data = f.read()
     ndim = data[3]
@@ -270,7 +270,7 @@ def _cifar(path, split):
   for n in names:
     file = os.path.join(path, n)
     if not os.path.exists(file):
-      raise FileNotFoundError(f"task (images): {file} not found (CIFAR-10 binary version)")
+      raise ValueError(f"task (images): {file} not found (CIFAR-10 binary version)")
     rows.append(np.fromfile(file, np.uint8).reshape(-1, 3073))
   rows = np.concatenate(rows)
   return rows[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), rows[:, 0]

@@ -118,7 +118,7 @@ def _local_documents(path, split, eval_fraction, separator):
   files = sorted(glob.glob(os.path.join(path, "*") if os.path.isdir(path) else path))
   files = [f for f in files if os.path.isfile(f)]
   if not files:
-    raise FileNotFoundError(
+    raise ValueError(
         f"task (bytes): no text file at task.path={path!r} (looked for "
         f"{os.path.abspath(path)}); give a file, a glob or a directory of text files")
   docs = []

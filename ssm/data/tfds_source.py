@@ -25,7 +25,7 @@ def data_source(name, split, data_dir="", download=False):
       raise RuntimeError(f"tfds dataset {name!r} in {builder.data_dir} cannot be read as "
                          "ArrayRecord; prepare it with --file_format=array_record (grain "
                          "reads only random-access formats)") from e
-    raise FileNotFoundError(
+    raise ValueError(
         f"tfds dataset {name!r} is not prepared in {builder.data_dir}. Prepare it with "
         f"`tfds build {name} --file_format=array_record"
         f"{' --data_dir=' + data_dir if data_dir else ''}` (some datasets, e.g. imagenet2012, "

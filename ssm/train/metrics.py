@@ -34,9 +34,21 @@ def peak_flops(override=0.0):
   return next((v for k, v in PEAK_FLOPS.items() if k.lower() in kind.lower()), 0.0)
 
 
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
 def wandb_mode(mode):
+  """The mode wandb.init gets: `mode` unless "auto"; for "auto" W&B's own WANDB_MODE
+  where set (e.g. WANDB_MODE=disabled), else online when credentials exist."""
   if mode != "auto":
     return mode
+  env = os.environ.get("WANDB_MODE", "")
+  if env:
+    env = {"dryrun": "offline", "run": "online"}.get(env, env)  # wandb's older names
+    if env not in WANDB_MODES[1:]:
+      raise ValueError(f"WANDB_MODE={os.environ['WANDB_MODE']!r}: expected one of "
+                       f"{', '.join(WANDB_MODES[1:])} (or unset it)")
+    return env
   netrc = Path.home() / ".netrc"
   online = os.environ.get("WANDB_API_KEY") or (netrc.exists() and "api.wandb.ai" in
                                                 netrc.read_text())
