@@ -95,7 +95,7 @@ def main(argv=None):
         models, None, display, args.out, probe=probe or None, k=args.k,
         min_ratio=args.min_ratio, threshold=args.threshold, batch_size=args.batch_size,
         n_show=args.show)
-  except (ValueError, FileNotFoundError, KeyError) as e:
+  except (ValueError, FileNotFoundError, KeyError, ImportError) as e:  # ImportError: [hf]
     print(f"scripts/registers.py: {e.args[0] if e.args else e}", file=sys.stderr)
     return 2
   print(json.dumps(summary, indent=1))

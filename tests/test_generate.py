@@ -3,9 +3,9 @@ batches), rows are independent, stop tokens end rows, speculative decoding gives
 target's output (greedy: exactly; sampled: in distribution), ssm-generate runs on a
 trained byte-level model, and bad input is a clear error."""
 
-import itertools
 import json
 import shutil
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 from scipy import stats
 
+from conftest import require
 from ssm.generate import Sampling, generate, probabilities, speculative_generate
 from ssm.layers import Mamba2Config, MambaConfig
 from ssm.layers.attention import AttentionConfig
@@ -30,13 +31,13 @@ FAMILIES = {
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [3], [5, 4, 2]]
 
 
-def tiny(family, seed=0, vocab_size=13):
+def tiny(family, seed=0, vocab_size=13, **overrides):
   # Untied, wider-initialised heads: random models whose greedy outputs vary.
   n_layer = 2 if family == "hybrid" else 1  # one layer of each: cheap to compile
   config = LMConfig(d_model=16, n_layer=n_layer, vocab_size=vocab_size, tie_embeddings=False,
                     initializer_range=0.3, mamba=MambaConfig(d_state=4),
                     mamba2=Mamba2Config(d_state=4, headdim=8),
-                    attention=AttentionConfig(n_heads=2), **FAMILIES[family])
+                    attention=AttentionConfig(n_heads=2), **{**FAMILIES[family], **overrides})
   return nnx.jit(lambda: LanguageModel(config, rngs=nnx.Rngs(seed)))()  # compiled: fast
 
 
@@ -52,6 +53,20 @@ def full_pass_argmax(model, seqs):
   ids = jnp.asarray([seq + [0] * (L - len(seq)) for seq in seqs])
   logits = np.asarray(nnx.jit(lambda m, x: m(x))(model, ids))[..., :model.config.vocab_size]
   return [row[:len(seq)] for row, seq in zip(logits.argmax(-1), seqs)]
+
+
+def chisquare_pvalue(counts, p):
+  """A chi-square test of token counts against the distribution p (cells expected
+  fewer than 5 times pooled); 0 when a token of probability 0 was drawn."""
+  n = counts.sum()
+  if counts[p == 0].any():
+    return 0.0
+  big, small = n * p >= 5, (n * p < 5) & (p > 0)
+  observed, expected = counts[big], n * p[big]
+  if small.any():
+    observed = np.append(observed, counts[small].sum())
+    expected = np.append(expected, n * p[small].sum())
+  return stats.chisquare(observed, expected * observed.sum() / expected.sum()).pvalue
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -98,7 +113,8 @@ def test_stop_tokens_end_each_row(models):
 
 
 def test_speculative_greedy_is_the_targets_greedy_across_families(models):
-  for target, draft in [("transformer++", "mamba"), ("mamba", "hybrid")]:
+  for target, draft in [("transformer++", "mamba"), ("mamba", "hybrid"),
+                        ("mamba2", "transformer++")]:
     expected = generate(models[target], PROMPTS, 8, GREEDY).rows()  # compiled already
     out = speculative_generate(models[target], models[draft], PROMPTS, 8, k=3,
                                sampling=GREEDY)
@@ -112,32 +128,58 @@ def test_speculative_greedy_is_the_targets_greedy_across_families(models):
   assert same.rows() == generate(models["hybrid"], PROMPTS, 8, GREEDY).rows()
 
 
-def test_speculative_sampling_has_the_targets_distribution():
-  """The first three tokens after a prompt, over 3,000 rows (each its own key): a
-  chi-square test against the target's exact joint distribution, from full passes
-  over all 8^3 continuations. The draft's own samples fail the same test."""
-  target, draft = tiny("transformer++", 10, vocab_size=8), tiny("mamba", 11, vocab_size=8)
-  sampling, n, prompt = Sampling(temperature=1.0, top_k=6), 3000, [1, 2]
-  seqs = np.array([prompt + list(c) for c in itertools.product(range(8), repeat=3)])
-  logits = nnx.jit(lambda m, x: m(x))(target, jnp.asarray(seqs[:, :-1]))[:, 1:]
-  p = np.asarray(probabilities(logits.reshape(-1, 8), sampling, 8)).reshape(len(seqs), 3, 8)
-  joint = np.prod([p[np.arange(len(seqs)), t, seqs[:, 2 + t]] for t in range(3)], axis=0,
-                  dtype=np.float64)
-  joint /= joint.sum()  # float32's rounding
+def test_top_p_and_min_p_decoding_draws_from_the_hand_computed_distribution():
+  """The first two tokens of 4,000 rows (one prompt, each row its own key; the second
+  from the decode loop) against their joint distribution computed in numpy from the
+  model's logits: softmax(l / T), the nucleus (most likely first, while the mass
+  before a token is < top_p), then min-p (p_i >= min_p * p_max), renormalised."""
+  model = tiny("mamba2", 3, vocab_size=8)
+  T, top_p, min_p = 1.5, 0.75, 0.12
+  prompt, n = [1, 2, 3], 4000
+  seqs = jnp.asarray([prompt + [a] for a in range(8)])
+  logits = np.asarray(nnx.jit(lambda m, x: m(x))(model, seqs), np.float64)[:, -2:, :8]
 
-  def pvalue(tokens):
-    codes = tokens[:, 0] * 64 + tokens[:, 1] * 8 + tokens[:, 2]
-    counts = np.bincount(codes, minlength=512)
-    if counts[joint == 0].any():  # a continuation the target never makes
-      return 0.0
-    big = n * joint >= 5  # small cells pooled
-    observed = np.append(counts[big], counts[~big].sum())
-    return stats.chisquare(observed, np.append(n * joint[big], n * joint[~big].sum())).pvalue
+  def filtered(l, T=T, top_p=top_p, min_p=min_p):
+    p = np.exp(l / T - np.max(l / T))
+    p /= p.sum()
+    order = np.argsort(-p)
+    before = np.cumsum(p[order]) - p[order]
+    p = p * np.isin(np.arange(8), order[before < top_p])
+    p = p * (p >= min_p * p.max())
+    return p / p.sum()
 
-  out = speculative_generate(target, draft, [prompt] * n, 3, k=2, sampling=sampling, seed=1)
-  assert 0 < out.acceptance_rate < 1
-  assert pvalue(out.tokens) > 1e-3
-  assert pvalue(generate(draft, [prompt] * n, 3, sampling, seed=1).tokens) < 1e-6
+  def joint(**kw):  # [first, second]: logits[0, 0] are the prompt's last position's
+    return np.stack([filtered(logits[0, 0], **kw)[a] * filtered(logits[a, 1], **kw)
+                     for a in range(8)]).reshape(-1)
+
+  expected, plain = joint(), joint(top_p=1.0, min_p=0.0)
+  assert (expected == 0).sum() > (plain == 0).sum()  # the filters remove tokens
+  out = generate(model, [prompt] * n, 2, Sampling(temperature=T, top_p=top_p, min_p=min_p))
+  counts = np.bincount(out.tokens[:, 0] * 8 + out.tokens[:, 1], minlength=64)
+  assert chisquare_pvalue(counts, expected) > 1e-3
+  plain_out = generate(model, [prompt] * n, 2, Sampling(temperature=T)).tokens
+  plain_counts = np.bincount(plain_out[:, 0] * 8 + plain_out[:, 1], minlength=64)
+  assert chisquare_pvalue(plain_counts, plain) > 1e-3
+  assert chisquare_pvalue(counts, plain) < 1e-6  # the test can tell the two apart
+
+
+def test_the_repetition_penalty_covers_the_prompt_and_every_new_token(models):
+  """Greedy with a penalty, inside the decode loop: each new token is the argmax of the
+  full pass's logits with the row's tokens so far (its prompt without the padding, and
+  the tokens it generated) penalised, recomputed in numpy at every step."""
+  model, r = models["hybrid"], 3.0
+  out = generate(model, PROMPTS, 8, Sampling(temperature=0, repetition_penalty=r)).rows()
+  full_pass = nnx.jit(lambda m, x: m(x))
+  seqs = [list(p) for p in PROMPTS]
+  for _ in range(8):
+    ids = jnp.asarray([seq + [0] * (15 - len(seq)) for seq in seqs])  # one shape: one compile
+    logits = np.asarray(full_pass(model, ids))[..., :13]
+    for seq, row in zip(seqs, logits):
+      last = row[len(seq) - 1]
+      seen = np.isin(np.arange(13), seq)
+      seq.append(int(np.argmax(np.where(seen, np.where(last > 0, last / r, last * r), last))))
+  assert out == [seq[len(p):] for seq, p in zip(seqs, PROMPTS)]
+  assert out != generate(model, PROMPTS, 8, GREEDY).rows()  # the penalty changed them
 
 
 def test_bad_input_is_a_clear_error(models):
@@ -196,3 +238,57 @@ def test_ssm_generate_on_a_trained_byte_model(byte_run, tmp_path, capsys):
   assert "unknown stop token 300" in capsys.readouterr().err
   assert main(["--workdir", str(byte_run)]) == 2
   assert "no prompt" in capsys.readouterr().err
+
+
+def test_a_missing_hf_extra_is_one_line_with_advice(monkeypatch, capsys):
+  """Without huggingface_hub (the [hf] extra), a hub name is one line, exit 2, saying
+  to install the extra with a CPU build of torch first on a CPU-only machine; the same
+  through scripts/registers.py, which also reaches ssm.convert."""
+  import importlib.util
+
+  from ssm.generate.main import main
+  monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed
+  monkeypatch.setitem(sys.modules, "transformers", None)
+  assert main(["--hf", "state-spaces/mamba-130m-hf", "--prompt-ids", "1,2"]) == 2
+  spec = importlib.util.spec_from_file_location("registers_script", "scripts/registers.py")
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  assert script.main(["--model", "facebook/dinov2-small", "--out", "unused"]) == 2
+  lines = capsys.readouterr().err.splitlines()
+  assert len(lines) == 2, lines
+  for line, prog in zip(lines, ["ssm-generate", "scripts/registers.py"]):
+    assert line.startswith(f"{prog}: 'state-spaces/mamba-130m-hf' is not a local directory"
+                           if prog == "ssm-generate" else f"{prog}: 'facebook/dinov2-small'")
+    assert "needs huggingface_hub: install the [hf] extra" in line
+    assert "CPU build of torch first (pip install torch==2.13.0)" in line
+
+
+def test_text_prompts_of_an_hf_model_need_no_transformers(tmp_path, monkeypatch, capsys):
+  """A save_pretrained directory with its tokenizer.json: text prompts are read with
+  `tokenizers` where transformers is not installed, as transformers reads them."""
+  torch = require("torch")
+  transformers = require("transformers")
+  from tokenizers import Tokenizer, models as tokenizer_models, pre_tokenizers
+
+  from ssm.generate.main import main
+  torch.manual_seed(0)
+  config = transformers.MambaConfig(vocab_size=16, hidden_size=16, state_size=4,
+                                    num_hidden_layers=1, expand=2)
+  transformers.MambaForCausalLM(config).save_pretrained(tmp_path)
+  words = ("to be or not that is the question whether tis nobler in mind suffer slings "
+           "arrows").split()  # 16 distinct: the vocabulary
+  tokenizer = Tokenizer(tokenizer_models.WordLevel({w: i for i, w in enumerate(words)},
+                                                   unk_token="to"))
+  tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+  # tokenizer.json and tokenizer_config.json, as a checkpoint on the hub has them
+  transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(tmp_path)
+  args = ["--hf", str(tmp_path), "--prompt", "to be or not", "--max-new-tokens", "4",
+          "--temperature", "0"]
+  assert main(args + ["--prompt-ids", "0,1,2,3"]) == 0
+  with_transformers, by_ids = capsys.readouterr().out.splitlines()
+  monkeypatch.setitem(sys.modules, "transformers", None)
+  assert main(args) == 0
+  (without,) = capsys.readouterr().out.splitlines()
+  # the same continuation of the same prompt, four of the words
+  assert without == with_transformers == by_ids and len(by_ids.split()) == 4
+  assert set(by_ids.split()) <= set(words)

@@ -45,6 +45,24 @@ def test_compositions_renormalise_over_what_is_kept():
   np.testing.assert_array_equal(greedy[0], np.eye(6)[5])
 
 
+def test_top_p_and_min_p_give_the_hand_computed_distributions():
+  probs = lambda **kw: np.asarray(S.probabilities(LOGITS, S.Sampling(**kw), vocab_size=6))[0]
+  check = lambda kw, expected: np.testing.assert_allclose(probs(**kw), expected, rtol=1e-5,
+                                                          atol=1e-7)
+  # top-p 0.7: the mass before .4, .25, .15 is 0, .4, .65 < .7; they hold .8
+  check(dict(top_p=0.7), [.5, .3125, .1875, 0, 0, 0])
+  # min-p 0.2: p >= .08 keeps .4, .25, .15, .1, which hold .9
+  check(dict(min_p=0.2), [.4 / .9, .25 / .9, .15 / .9, .1 / .9, 0, 0])
+  # T = 2: p ~ sqrt(p) = .6325, .5, .3873, .3162, .2449, .2 (sum 2.2809), so .2773, .2192,
+  # .1698, ...; top-p .45: the mass before is 0, .2773, .4965 -> two kept
+  root = np.sqrt(PROBS)
+  check(dict(temperature=2.0, top_p=0.45), root * [1, 1, 0, 0, 0, 0] / root[:2].sum())
+  # T = 2, min-p .6: sqrt(p) >= .6 * .6325 = .3795 keeps three
+  check(dict(temperature=2.0, min_p=0.6), root * [1, 1, 1, 0, 0, 0] / root[:3].sum())
+  # top-p .9 keeps four (.4, .25, .15, .1: .9), then min-p .5 those >= .2 / .9 of it: two
+  check(dict(top_p=0.9, min_p=0.5), [.4 / .65, .25 / .65, 0, 0, 0, 0])
+
+
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
   logits = jnp.array([[2.0, -1.0, 3.0, -2.0]])
   seen = jnp.array([[True, True, False, False]])

@@ -22,6 +22,12 @@ from ssm.models.lm import LanguageModel, LMConfig
 from ssm.models.vit import ViT, ViTConfig
 
 
+# What to do when an optional dependency of the import is missing: the [hf] extra, whose
+# torch must be a CPU build on a CPU-only machine (README, pyproject.toml).
+HF_EXTRA = ("install the [hf] extra: on a CPU-only machine a CPU build of torch first "
+            "(pip install torch==2.13.0), then pip install -e '.[hf]' in the ssm checkout")
+
+
 def load_hf(path_or_name, *, dtype="float32", scan_impl="auto", revision=None):
   """Returns the ssm model for a Hugging Face checkpoint.
 
@@ -82,8 +88,8 @@ def _resolve(path_or_name, revision):
   try:
     from huggingface_hub import snapshot_download
   except ImportError as e:
-    raise ImportError(f"{path_or_name!r} is not a local directory; fetching it from the hub "
-                      "needs huggingface_hub: pip install 'ssm-jax[hf]'") from e
+    raise ImportError(f"{path_or_name!r} is not a local directory, and fetching it from the "
+                      f"hub needs huggingface_hub: {HF_EXTRA}") from e
   return Path(snapshot_download(str(path_or_name), revision=revision,
                                 allow_patterns=["*.json", "*.safetensors"]))
 

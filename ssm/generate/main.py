@@ -8,13 +8,15 @@
 
 Byte-level runs (configs/bytes.py) take text prompts and print text; they stop at
 BOS (a new document). Token models take --prompt-ids, or --prompt text where the
-Hugging Face directory has a tokenizer (transformers installed). --temperature 0
-is greedy. With a --draft-* model, speculative decoding (the target's
-distribution exactly), and its acceptance rate on stderr.
+Hugging Face directory has a tokenizer (its tokenizer.json; transformers' AutoTokenizer
+where the [hf] extra is installed). --temperature 0 is greedy. With a --draft-* model,
+speculative decoding (the target's distribution exactly), and its acceptance rate on
+stderr.
 """
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -24,7 +26,8 @@ BOS = 256  # ssm.data.text's
 
 
 class Loaded:
-  """A model and how its text is read and written."""
+  """A model and how its text is read and written: bytes, or a tokenizer's
+  (encode: text -> ids, decode: ids -> text)."""
 
   def __init__(self, model, byte_level=False, tokenizer=None):
     self.model, self.byte_level, self.tokenizer = model, byte_level, tokenizer
@@ -35,13 +38,13 @@ class Loaded:
     if self.tokenizer is None:
       raise ValueError("this model has no tokenizer here: give --prompt-ids (token ids, "
                        "comma-separated), or an --hf directory with its tokenizer files")
-    return self.tokenizer(text)["input_ids"]
+    return self.tokenizer[0](text)
 
   def decode(self, ids):
     if self.byte_level:
       return bytes(t for t in ids if t < BOS).decode("utf-8", errors="replace")
     if self.tokenizer is not None:
-      return self.tokenizer.decode(ids)
+      return self.tokenizer[1](ids)
     return " ".join(map(str, ids))
 
 
@@ -60,13 +63,30 @@ def load(workdir=None, hf=None, step=None, best=False):
   from ssm.convert import load_hf
   model = load_hf(hf)
   check_model(model)
-  tokenizer = None
+  return Loaded(model, tokenizer=hf_tokenizer(hf))
+
+
+def hf_tokenizer(hf):
+  """(encode, decode) of a Hugging Face model's tokenizer, or None where it has none:
+  transformers' AutoTokenizer, or without transformers (the [hf] extra) a local
+  directory's tokenizer.json read by `tokenizers`."""
   try:
     from transformers import AutoTokenizer
+  except ImportError:
+    path = Path(hf) / "tokenizer.json"
+    if not path.is_file():
+      return None
+    try:
+      from tokenizers import Tokenizer
+      tokenizer = Tokenizer.from_file(str(path))
+    except Exception:  # no tokenizers, or a file it cannot read: token ids only
+      return None
+    return lambda text: tokenizer.encode(text).ids, tokenizer.decode
+  try:
     tokenizer = AutoTokenizer.from_pretrained(hf)
-  except Exception:  # no tokenizer files, or no transformers: token ids only
-    tokenizer = None
-  return Loaded(model, tokenizer=tokenizer)
+  except Exception:  # no tokenizer files: token ids only
+    return None
+  return lambda text: tokenizer(text)["input_ids"], tokenizer.decode
 
 
 def parse_ids(text):
@@ -138,7 +158,7 @@ def main(argv=None):
   args = parser().parse_args(argv)
   try:
     return run(args)
-  except (ValueError, FileNotFoundError, KeyError) as e:
+  except (ValueError, FileNotFoundError, KeyError, ImportError) as e:  # ImportError: an extra
     print(f"ssm-generate: {e.args[0] if e.args else e}", file=sys.stderr)
     return 2
 

@@ -16,7 +16,8 @@ rewound per row (LanguageModel.rewind). Attention layers of the target score the
 k + 1 tokens in parallel; recurrent layers step through them in the same call,
 keeping each state for the rewind.
 
-Draft and target may be of different families; they must share the vocabulary.
+Draft and target may be of different families; they must share the vocabulary (its
+padding, pad_vocab_size_multiple, may differ: both are read over the real ids).
 """
 
 import functools
@@ -74,6 +75,32 @@ def speculative_generate(target, draft, prompts, max_new_tokens, k=4,
                                int(proposed), int(rounds))
 
 
+def _draw(key, p_V):
+  return jax.random.categorical(key, jnp.log(p_V)).astype(jnp.int32)
+
+
+def verify(key, d_K, q_KV, p_TV):
+  """The rejection rule for one row, a pure function of the distributions: draft
+  tokens d_K drawn from q_KV (k, V), the target's p_TV (k + 1, V) at the same
+  positions. d_j is accepted with probability min(1, p_j(d_j) / q_j(d_j)) while all
+  before it were; after n acceptances one more token comes from norm(max(0, p - q))
+  at position n + 1 (q = 0 there when n = k: p itself). Returns (n, that token); the
+  round's tokens d_1..d_n, token are distributed as the target's."""
+  k = d_K.shape[0]
+  u_key, extra_key = jax.random.split(key)
+  p_d = p_TV[jnp.arange(k), d_K]
+  q_d = q_KV[jnp.arange(k), d_K]
+  ok_K = jax.random.uniform(u_key, (k,)) * q_d < p_d  # u < p / q, without dividing by q
+  n = jnp.sum(jnp.cumprod(ok_K)).astype(jnp.int32)
+  p_next = p_TV[n]
+  q_next = jnp.concatenate([q_KV, jnp.zeros_like(q_KV[:1])])[n]
+  residual = jnp.maximum(p_next - q_next, 0)
+  mass = jnp.sum(residual)
+  # (p = q to rounding leaves nothing: then p itself, the limit of the rule)
+  residual = jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1), p_next)
+  return n, _draw(extra_key, residual)
+
+
 def _recurrent(model):
   """Per layer: whether its cache must be rewound from a trail (no parallel `extend`)."""
   return [not hasattr(layer.mixer, "extend") for layer in model.layers]
@@ -87,9 +114,10 @@ def _speculative(gt, gd, st, sd, ids_BP, reset_BP, stops_BS, keys_B, *, sampling
   V = target.config.vocab_size
   B = ids_BP.shape[0]
   rows = jnp.arange(B)
-  probs = lambda logits: probabilities(logits, sampling, V)
-  draw = lambda keys, p_BV: jax.vmap(jax.random.categorical)(keys, jnp.log(p_BV)).astype(
-      jnp.int32)
+  # Over the real vocabulary: draft and target may pad it to different sizes, and a
+  # padding id is never a token.
+  probs = lambda logits: probabilities(logits[..., :V], sampling, V)
+  draw = jax.vmap(_draw)
   logits_t, cache_t = target(ids_BP, reset_BP, return_cache=True, max_length=max_length)
   _, cache_d = draft(ids_BP, reset_BP, return_cache=True, max_length=max_length)
   # The first token from the target's prefill; both caches have seen the prompt only.
@@ -121,24 +149,12 @@ def _speculative(gt, gd, st, sd, ids_BP, reset_BP, stops_BS, keys_B, *, sampling
   def body(carry):
     r, cache_t, cache_d, last_B, done, count, out, accepted, proposed = carry
     keys = jax.vmap(jax.random.fold_in, (0, None))(keys_B, r + 1)
-    split = jax.vmap(lambda key: jax.random.split(key, 3))(keys)
+    split = jax.vmap(jax.random.split)(keys)
     cache_d, d_BK, q_BKV, trails_d = propose(cache_d, last_B, split[:, 0])
     fed_BT = jnp.concatenate([last_B[:, None], d_BK], axis=1)  # (B, k + 1)
     logits_BTV, cache_t, trails_t = target.extend(fed_BT, cache_t)
     p_BTV = probs(logits_BTV.reshape(B * (k + 1), -1)).reshape(B, k + 1, -1)
-    # The rejection rule.
-    p_d = jnp.take_along_axis(p_BTV[:, :k], d_BK[..., None], axis=-1)[..., 0]
-    q_d = jnp.take_along_axis(q_BKV, d_BK[..., None], axis=-1)[..., 0]
-    u_BK = jax.vmap(lambda key: jax.random.uniform(key, (k,)))(split[:, 1])
-    ok_BK = u_BK * q_d < p_d  # u < p / q, without dividing by q
-    n_B = jnp.sum(jnp.cumprod(ok_BK, axis=1), axis=1).astype(jnp.int32)
-    p_next = p_BTV[rows, n_B]
-    q_next = jnp.concatenate([q_BKV, jnp.zeros_like(q_BKV[:, :1])], axis=1)[rows, n_B]
-    residual = jnp.maximum(p_next - q_next, 0)
-    mass = jnp.sum(residual, axis=-1, keepdims=True)
-    # (p = q to rounding leaves nothing: then p itself, the limit of the rule)
-    residual = jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1), p_next)
-    extra_B = draw(split[:, 2], residual)
+    n_B, extra_B = jax.vmap(verify)(split[:, 1], d_BK, q_BKV, p_BTV)
     # This round's tokens: d_1..d_n, then the extra one.
     j = jnp.arange(k + 1)
     d_pad = jnp.concatenate([d_BK, jnp.zeros_like(d_BK[:, :1])], axis=1)
