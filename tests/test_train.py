@@ -1,6 +1,7 @@
 """ssm.train: the loop on 1 and 8 (fake) devices and on two processes, exact resume
-after SIGTERM, corrupt checkpoints, restoring onto another mesh, W&B records read
-back from disk, NaN stops, and bad meshes and batches.
+after SIGTERM, Ctrl-C and exit statuses, corrupt checkpoints (their metrics rows kept
+aside), restoring onto another mesh, W&B records read back from disk, NaN stops, what
+a run prints and records of itself, and bad meshes and batches.
 
 Multi-device runs go through `ssm-train` in subprocesses, since the number of
 fake CPU devices is fixed when JAX starts."""
@@ -53,11 +54,40 @@ def ok(result):
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-  """The reference: 20 steps on one device, checkpoints every 10."""
+def single_run(tmp_path_factory):
+  """The reference: 20 steps on one device, checkpoints every 10; (workdir, output)."""
   workdir = tmp_path_factory.mktemp("single")
-  ok(run_train(workdir, "--config.checkpoint.every=10"))
-  return workdir
+  return workdir, ok(run_train(workdir, "--config.checkpoint.every=10"))
+
+
+@pytest.fixture(scope="module")
+def single(single_run):
+  return single_run[0]
+
+
+def test_a_run_says_what_it_trains_and_where_everything_is(single_run):
+  from ssm.config import load_config_file
+  from ssm.flops import flops, param_count
+  from ssm.info import architecture
+  from ssm.models import config_from_dict
+  workdir, out = single_run
+  c = load_config_file(f"{CONFIG}:hybrid")
+  c.model.update(dict(d_model=32, n_layer=2, pattern="MA", vocab_size=64))
+  model = config_from_dict(c.model)
+  params, per_token = param_count(model), flops(model, 32)["total"]
+  assert json.loads((workdir / "run.json").read_text()) == {
+      "params": params, "forward_flops_per_token": per_token, "seq_len": 32,
+      "train_flops_per_step": 3 * per_token * 16 * 32}
+  lines = [l for l in out.replace("\r", "\n").splitlines()
+           if l and not l.startswith(("train:", "W1", "I1"))]
+  assert lines[:2] == [architecture(model), f"{params:,} parameters; {per_token:.3e} FLOPs "
+                       f"per token forward at length 32, {3 * per_token * 512:.3e} per "
+                       "training step (3x forward)"]
+  last = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+  assert lines[-3:] == [
+      f"step 20 of 20: accuracy {last['accuracy']:.4g}, loss {last['loss']:.4g}",
+      "checkpoints: steps 10, 20; none ranked by eval/loss",
+      f"in {workdir}: checkpoints/, config.json, metrics.jsonl, run.json"]
 
 
 MESH_2X2X2 = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
@@ -99,35 +129,72 @@ def test_two_processes_through_jax_distributed(single, tmp_path):
 
 def test_sigterm_from_outside_stops_the_command_with_a_checkpoint(tmp_path):
   """A real SIGTERM to ssm-train, sent once 7 steps are logged of a run far longer
-  than the signal takes to land: the run stops at the next step, saves, exits 0.
-  (Exact resume after SIGTERM: test_sigterm_is_checked_every_log_every_steps_...)"""
+  than the signal takes to land: the run stops at the next step, saves, and exits 75
+  (for schedulers to requeue on). (Exact resume after SIGTERM:
+  test_sigterm_is_checked_every_log_every_steps_...)"""
   proc = run_train(tmp_path, "--config.checkpoint.every=1000", steps=2000, wait=False)
-  metrics = tmp_path / "metrics.jsonl"
-  deadline = time.time() + 300
-  while time.time() < deadline:
-    if metrics.exists() and len(metrics.read_text().splitlines()) >= 7:
-      break
-    time.sleep(0.05)
+  wait_for_rows(proc, tmp_path, 7)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 0 and "stopped by SIGTERM" in out, out[-3000:]
-  stopped = len(metrics.read_text().splitlines())
+  stopped = len((tmp_path / "metrics.jsonl").read_text().splitlines())
+  assert proc.returncode == 75, out[-3000:]
+  assert out.splitlines()[-1] == (f"ssm-train: stopped by SIGTERM at step {stopped} of 2000, "
+                                  f"with a checkpoint in {tmp_path / 'checkpoints'}: rerun the "
+                                  "same command to resume")
   assert 7 <= stopped < 2000
   assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [str(stopped)]
 
 
-def test_corrupt_latest_checkpoint_is_skipped(single, tmp_path):
+def wait_for_rows(proc, workdir, rows):
+  metrics = Path(workdir) / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= rows:
+      return
+    time.sleep(0.05)
+  raise AssertionError(f"no {rows} rows of metrics: {proc.communicate()[0][-3000:]}")
+
+
+def test_ctrl_c_saves_and_a_second_ctrl_c_stops_at_once(tmp_path):
+  """Ctrl-C (SIGINT) is SIGTERM's twin: a checkpoint, one line, exit 75; a second one
+  stops without saving (exit 130), also without a traceback."""
+  proc = run_train(tmp_path, "--config.checkpoint.every=1000", steps=2000, wait=False)
+  wait_for_rows(proc, tmp_path, 7)
+  proc.send_signal(signal.SIGINT)
+  out, _ = proc.communicate(timeout=300)
+  stopped = len((tmp_path / "metrics.jsonl").read_text().splitlines())
+  assert proc.returncode == 75 and "Traceback" not in out, out[-3000:]
+  assert f"ssm-train: stopped by Ctrl-C (SIGINT) at step {stopped} of 2000" in out
+  assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [str(stopped)]
+  proc = run_train(tmp_path, "--config.checkpoint.every=1000", steps=2000, wait=False)
+  wait_for_rows(proc, tmp_path, stopped + 3)  # resumed
+  proc.send_signal(signal.SIGINT)
+  time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 130 and "Traceback" not in out, out[-3000:]
+  assert out.splitlines()[-1] == ("ssm-train: stopped by Ctrl-C, without saving; rerunning "
+                                  "the same command resumes from the newest checkpoint, if "
+                                  "there is one")
+
+
+def test_corrupt_latest_checkpoint_is_skipped_and_no_row_is_lost(single, tmp_path):
   import shutil
   shutil.copytree(single, tmp_path / "run")
   run = tmp_path / "run"
-  for f in (run / "checkpoints" / "20").rglob("*"):
+  before = (run / "metrics.jsonl").read_text().splitlines()
+  for f in (run / "checkpoints" / "20").rglob("*"):  # the first bytes of every file
     if f.is_file() and f.stat().st_size > 0:
-      f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+      f.write_bytes(b"\x96" * 8 + f.read_bytes()[8:])
   out = ok(run_train(run, "--config.checkpoint.every=10", steps=25))
   assert "checkpoint at step 20 cannot be restored" in out
   assert (run / "checkpoints" / "20.unreadable").exists()  # set aside, not deleted
   _, steps = losses(run)
   assert steps == list(range(1, 26))  # resumed from 10: rows 11..25 rewritten
+  # the rows measured past step 10 the first time are kept aside, marked
+  aside = (run / "metrics.superseded.jsonl").read_text().splitlines()
+  assert [json.loads(l) for l in aside] == [dict(json.loads(l), resumed_from=10)
+                                           for l in before[10:]]
 
 
 def test_checkpoint_from_eight_devices_restores_on_one(single, tmp_path):
@@ -201,11 +268,23 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
                         "--config.train.warmup_steps=0", "--config.checkpoint.every=1",
                         steps=30)
   assert code == 3, out[-3000:]
-  message = out[out.index("ssm-train: "):]
-  assert "NaN or inf at step" in message and "last good checkpoint is step" in message
+  message = out[out.index("ssm-train: "):].strip()
   bad = int(message.split("at step ")[1].split()[0])
   good = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert good and max(good) < bad
+  assert message.endswith(
+      f"stopped. Checkpoints from before it: step {', '.join(map(str, good))} in "
+      f"{tmp_path / 'checkpoints'}; the newest, {bad - max(good)} step(s) before it, may "
+      "already hold diverging parameters. Rerun with a lower train.lr or more "
+      "train.warmup_steps (or train.clip_norm set) in a new --workdir; or, going on from a "
+      "checkpoint here (the newest, unless you move it out of checkpoints/), with a lower "
+      "train.lr or more train.warmup_steps and --config.checkpoint.resume_changed=True."), message
+  # no checkpoint yet: said so (not "step None")
+  code, out = run_train(tmp_path / "none", "--config.train.lr=1e30", "--config.train.clip_norm=0",
+                        "--config.train.warmup_steps=0", steps=30)
+  assert code == 3 and out.strip().endswith(
+      "No checkpoint was saved before it (checkpoint.every=500): rerun with a lower train.lr "
+      "or more train.warmup_steps (or train.clip_norm set), from the start."), out[-3000:]
 
 
 @pytest.mark.parametrize("override,message", [
@@ -242,6 +321,14 @@ def test_rerun_with_another_model_is_an_error_and_other_changes_a_warning(tmp_pa
   forced.checkpoint.resume_changed = True
   train(forced, tmp_path)
   assert losses(tmp_path)[1] == list(range(1, 9))
+  # resume_changed with other shapes: a config error naming them, at once (no retries);
+  # the run's config.json is still its own
+  kept = (tmp_path / "config.json").read_text()
+  c.checkpoint.resume_changed = True
+  with pytest.raises(ValueError, match=r"step 8 .* not this run's state: \d+ arrays differ, "
+                     r"e.g. opt_state/.*: saved \(\d+, 32\), the run has \(\d+, 48\)"):
+    train(c, tmp_path)
+  assert (tmp_path / "config.json").read_text() == kept
   # a start that saved nothing (config.json and an empty checkpoints/) holds no run yet
   failed = tmp_path.parent / "failed"
   (failed / "checkpoints").mkdir(parents=True)
@@ -371,8 +458,8 @@ def test_sigterm_is_checked_every_log_every_steps_and_resume_is_exact(tmp_path, 
 
   monkeypatch.setattr(loop.MetricsWriter, "advance", advance_and_signal)
   monkeypatch.setattr(loop.SignalFlag, "any", lambda self: checks.append(1) or any_(self))
-  train(config(), tmp_path / "run")
-  assert "stopped by SIGTERM at step 6" in capsys.readouterr().out
+  with pytest.raises(loop.Stopped, match="stopped by SIGTERM at step 6 of 12"):
+    train(config(), tmp_path / "run")
   assert len(checks) == 2  # at steps 3 and 6: once per log_every, not every step
   assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()) == [6]
   monkeypatch.undo()
@@ -401,7 +488,7 @@ def test_a_longer_resumed_run_keeps_its_schedule_unless_asked(tmp_path, caplog):
   np.testing.assert_allclose(_column(tmp_path / "recomputed", "lr")[6:], twelve[6:], rtol=1e-6)
 
 
-def test_best_checkpoint_is_ranked_only_by_an_eval_of_its_own_step(tmp_path):
+def test_best_checkpoint_is_ranked_only_by_an_eval_of_its_own_step(tmp_path, capsys):
   import orbax.checkpoint as ocp
   from ssm.train import train
   c = _in_process_config(steps=8, eval_every=2)
@@ -409,6 +496,9 @@ def test_best_checkpoint_is_ranked_only_by_an_eval_of_its_own_step(tmp_path):
   train(c, tmp_path)
   rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   evals = {r["step"]: r["eval/loss"] for r in rows if "eval/loss" in r}
+  best = min((6, 8), key=evals.get)
+  assert (f"checkpoints: steps 3, 6, 8; best by eval/loss: step {best} (eval/loss "
+          f"{evals[best]:.4g})") in capsys.readouterr().out
   manager = ocp.CheckpointManager(tmp_path / "checkpoints")
   assert manager.all_steps() == [3, 6, 8]
   assert manager.metrics(3) is None  # step 3 had no eval: it does not compete for best
@@ -427,6 +517,16 @@ def test_best_checkpoint_is_ranked_only_by_an_eval_of_its_own_step(tmp_path):
     load_model(tmp_path, step=5)
   with pytest.raises(FileNotFoundError, match="has no config.json"):
     load_model(tmp_path / "checkpoints")
+  # best=True where nothing is ranked: no best metric, or no eval at a checkpoint's step
+  c.checkpoint.best_metric = ""
+  train(c, tmp_path / "unranked")
+  with pytest.raises(ValueError, match="trained without checkpoint.best_metric: no checkpoint"):
+    load_model(tmp_path / "unranked", best=True)
+  assert load_model(tmp_path / "unranked")[2] == 8
+  train(_in_process_config(steps=3), tmp_path / "no-eval-at-a-checkpoint")  # eval_every 0
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint is ranked by eval/loss, which "
+                     r"only an eval at a checkpoint's own step gives \(saved steps: \[3\]\)"):
+    load_model(tmp_path / "no-eval-at-a-checkpoint", best=True)
   config_json = json.loads((tmp_path / "config.json").read_text())
   config_json["model"]["d_model"] = 48
   (tmp_path / "config.json").write_text(json.dumps(config_json))

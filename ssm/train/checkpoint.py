@@ -142,9 +142,10 @@ class Checkpointer:
         if wrong:
           return MISMATCH, (f"{len(wrong)} arrays differ, e.g. {'; '.join(wrong[:3])}. "
                             "checkpoint.resume_changed=True resumes only across changes "
-                            "that keep every array's name and shape (e.g. the learning "
-                            "rate, the task's data, dtype, the scan); for this one give "
-                            "the run a new --workdir")
+                            "that keep every array's name and shape (e.g. train.lr, "
+                            "model.dtype, the scan; not the model's sizes, nor "
+                            "train.clip_norm to or from 0); for this one give the run a "
+                            "new --workdir")
         return OK, self.reader.restore(self._path(step), args=args)
       except Exception as e:  # noqa: BLE001 - sorted into corrupt or maybe transient
         error = e
@@ -194,10 +195,11 @@ class Checkpointer:
   def latest_step(self):
     return self.manager.latest_step()
 
-  def best_step(self):
-    """The best checkpoint by checkpoint.best_metric, or None (no metric, or no eval of
-    a checkpoint's own step yet)."""
-    return self.manager.best_step() if self.best_metric else None
+  def best(self):
+    """(step, value) of the best checkpoint by checkpoint.best_metric, or None (no
+    metric, or no checkpoint with an eval of its own step)."""
+    step = self.manager.best_step() if self.best_metric else None
+    return None if step is None else (step, self.manager.metrics(step)[self.best_metric])
 
   def close(self):
     self.manager.wait_until_finished()
@@ -300,13 +302,23 @@ def load_model(workdir, step=None, best=False):
                             "ssm-train run")
   config = mlc.ConfigDict(json.loads((workdir / "config.json").read_text()))
   model_config = config_from_dict(config.model)
-  options = ocp.CheckpointManagerOptions(best_fn=(lambda m: m[config.checkpoint.best_metric])
-                                         if best else None,
+  metric = config.checkpoint.best_metric
+  if best and not metric:
+    raise ValueError(f"{workdir} was trained without checkpoint.best_metric: no checkpoint "
+                     "is ranked best; load the newest (best=False) or a given step")
+  options = ocp.CheckpointManagerOptions(best_fn=(lambda m: m[metric]) if best else None,
                                          best_mode=config.checkpoint.get("best_mode", "max"))
   with ocp.CheckpointManager(workdir / "checkpoints", options=options) as manager:
     steps = manager.all_steps()
+    if step is None and best and steps:
+      step = manager.best_step()
+      if step is None:
+        raise FileNotFoundError(
+            f"{workdir / 'checkpoints'}: no checkpoint is ranked by {metric}, which only an "
+            f"eval at a checkpoint's own step gives (saved steps: {sorted(steps)}); load the "
+            "newest (best=False) or a given step")
     if step is None:
-      step = manager.best_step() if best else manager.latest_step()
+      step = manager.latest_step()
     if step is None or step not in steps:
       raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoint "
                               f"{'of step ' + str(step) if step is not None else 'saved yet'}"

@@ -354,15 +354,23 @@ class Trainer:
   def _check_finite(self, state, step, checkpointer):
     bad = int(state["first_bad_step"])
     if bad >= 0:
-      # Every checkpoint was checked before it was saved: the newest is from before.
-      last, fix = checkpointer.latest_step(), ("lower train.lr, raise train.warmup_steps "
-                                              "or set train.clip_norm")
-      where = (f"The newest checkpoint, step {last} in {self.workdir / 'checkpoints'}, is "
-               f"from before it: to go on from there, {fix} and rerun with "
-               "--config.checkpoint.resume_changed=True (needed for changed optimizer "
-               "settings), or start afresh with a new --workdir." if last is not None else
-               f"No checkpoint was saved before it (checkpoint.every="
-               f"{self.config.checkpoint.every}): {fix}, and rerun (from the start).")
+      # Every checkpoint was checked before it was saved: all are from before the bad
+      # loss, though the updates just before it may already have sent the parameters off.
+      t, steps = self.config.train, sorted(checkpointer.manager.all_steps())
+      fix = "a lower train.lr or more train.warmup_steps" + (
+          " or a lower train.clip_norm" if t.clip_norm else "")
+      if steps:
+        where = (f"Checkpoints from before it: step {', '.join(map(str, steps))} in "
+                 f"{self.workdir / 'checkpoints'}; the newest, {bad + 1 - steps[-1]} step(s) "
+                 "before it, may already hold diverging parameters. Rerun with "
+                 f"{fix}{'' if t.clip_norm else ' (or train.clip_norm set)'} in a new "
+                 f"--workdir; or, going on from a checkpoint here (the newest, unless "
+                 f"you move it out of checkpoints/), with {fix} and "
+                 "--config.checkpoint.resume_changed=True.")
+      else:
+        where = (f"No checkpoint was saved before it (checkpoint.every="
+                 f"{self.config.checkpoint.every}): rerun with {fix}"
+                 f"{'' if t.clip_norm else ' (or train.clip_norm set)'}, from the start.")
       raise NonFiniteLoss(f"the loss became NaN or inf at step {bad + 1} (found at step "
                           f"{step}); stopped. {where}")
 

@@ -6,7 +6,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from ssm.config import command
-from ssm.train.loop import NonFiniteLoss, train
+from ssm.train.loop import NonFiniteLoss, Stopped, train
 from ssm.train.metrics import setup_logging
 
 USAGE = """
@@ -20,8 +20,16 @@ ssm-train: trains (or resumes) one run through the shared loop.
 
 --config  a config file and the argument its get_config(ARG) takes (configs/*.py: mqar,
           induction_heads, selective_copy, listops, bytes, images; ARG the model)
---workdir where everything goes: config.json, metrics.jsonl, checkpoints/, wandb/;
-          rerunning the same command resumes from its newest checkpoint
+--workdir where everything goes: config.json, run.json (parameters, FLOPs),
+          metrics.jsonl, checkpoints/, wandb/; rerunning the same command resumes from
+          its newest checkpoint. SIGTERM or Ctrl-C saves a checkpoint and stops (a
+          second Ctrl-C stops at once, without saving).
+
+Exit status: 0 trained to train.steps (or stopped early by train.stop_when /
+  train.patience, or already complete); 75 stopped by SIGTERM or Ctrl-C with a
+  checkpoint saved: rerun to resume (schedulers can requeue on 75: EX_TEMPFAIL; see
+  scripts/slurm_train.sh); 2 a config or workdir that cannot run (the message says
+  what to change); 3 the loss became NaN or inf; 130 a second Ctrl-C (nothing saved).
 
 Any key of the config is an override, --config.SECTION.KEY=VALUE; the main ones:
   train.steps, train.batch_size, train.lr, train.schedule (cosine | constant),
@@ -35,6 +43,8 @@ Every key and its default: python -c "from ssm.config import load_config_file; \
   print(load_config_file('configs/mqar.py:mamba'))"
 """
 
+STOPPED = 75  # EX_TEMPFAIL: stopped with a checkpoint by a signal; rerun (requeue) to resume
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<task>.py:<arch>",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and metrics go")
@@ -45,6 +55,13 @@ def _main(argv):
   setup_logging()
   try:
     train(_CONFIG.value, _WORKDIR.value)
+  except Stopped as e:
+    print(f"ssm-train: {e}", file=sys.stderr)
+    sys.exit(STOPPED)
+  except KeyboardInterrupt:
+    print("ssm-train: stopped by Ctrl-C, without saving; rerunning the same command "
+          "resumes from the newest checkpoint, if there is one", file=sys.stderr)
+    sys.exit(130)
   except NonFiniteLoss as e:
     print(f"ssm-train: {e}", file=sys.stderr)
     sys.exit(3)

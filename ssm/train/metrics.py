@@ -55,9 +55,15 @@ def wandb_mode(mode):
   return "online" if online else "offline"
 
 
+# Rows of metrics.jsonl past the step a run resumed from (after a crash, or a
+# checkpoint set aside), each with "resumed_from": that step.
+SUPERSEDED = "metrics.superseded.jsonl"
+
+
 class MetricsWriter:
   """Writes on process 0 only. On resume the JSON-lines file keeps the rows up to
-  the restored step, so that the file reads as one uninterrupted run."""
+  the restored step, so that the file reads as one uninterrupted run; the rows after
+  it, which the resumed run measures again, move to SUPERSEDED."""
 
   def __init__(self, workdir, cfg, run_config, start_step, total_steps):
     """`cfg`: the wandb config (mode online / offline / disabled / auto: online when
@@ -72,7 +78,12 @@ class MetricsWriter:
       return
     if self.path.exists():
       rows = [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
-      self.path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step))
+      later = [r for r in rows if r["step"] > start_step]
+      if later:  # measured past the checkpoint resumed from: kept aside, never lost
+        with self.path.with_name(SUPERSEDED).open("a") as f:
+          f.writelines(json.dumps({**r, "resumed_from": start_step}) + "\n" for r in later)
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows
+                                     if r["step"] <= start_step))
     mode = wandb_mode(cfg.mode)
     if mode != "disabled":
       import wandb

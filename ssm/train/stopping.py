@@ -1,8 +1,9 @@
 """When a run stops before train.steps: a metric crossing a threshold or a plateau
-(`EarlyStop`, checked at evals), and SIGTERM (`SignalFlag`, a preemption)."""
+(`EarlyStop`, checked at evals), and SIGTERM or Ctrl-C (`SignalFlag`)."""
 
 import logging
 import signal
+import sys
 
 import jax
 import numpy as np
@@ -58,20 +59,31 @@ class EarlyStop:
 
 
 class SignalFlag:
-  """SIGTERM (preemption) sets a flag; `any()` is true once any process has one (an
-  all-gather across processes, so the loop calls it at the same steps everywhere)."""
+  """SIGTERM (a preemption) or SIGINT (Ctrl-C) sets a flag, `name` the signal's name;
+  `any()` is true once any process has one (an all-gather across processes, so the
+  loop calls it at the same steps everywhere), and the loop then saves and stops. A
+  second Ctrl-C stops at once, without saving (KeyboardInterrupt)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.flag = False
-    self.previous = signal.signal(signal.SIGTERM, self._handle)
+    self.name = ""
+    self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
   def _handle(self, signum, frame):
-    self.flag = True
+    if signum == signal.SIGINT and self.name:
+      raise KeyboardInterrupt
+    self.name = self.name or ("Ctrl-C (SIGINT)" if signum == signal.SIGINT else
+                              signal.Signals(signum).name)
+    if signum == signal.SIGINT:
+      print("\nCtrl-C: the run saves a checkpoint at its next logged step and stops; "
+            "Ctrl-C again stops at once, without saving", file=sys.stderr, flush=True)
 
   def any(self):
     if jax.process_count() == 1:
-      return self.flag
-    return bool(multihost_utils.process_allgather(np.array(self.flag)).any())
+      return bool(self.name)
+    return bool(multihost_utils.process_allgather(np.array(bool(self.name))).any())
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self.previous)
+    for s, previous in self.previous.items():
+      signal.signal(s, previous)
