@@ -45,7 +45,9 @@ def base():
   c.checkpoint = mlc.ConfigDict(dict(every=500, keep=2, best_metric="eval/loss",
                                      best_mode="min", async_save=True,
                                      # True: resume a workdir whose checkpoints were
-                                     # trained with another model, task or optimizer
+                                     # trained with another model, task or optimizer,
+                                     # where every array keeps its name and shape
+                                     # (train.lr, model.dtype, the scan; not sizes)
                                      resume_changed=False))
   c.wandb = mlc.ConfigDict(dict(mode="auto", project="ssm", entity="", group="", job_type="",
                                 name="", tags=()))
