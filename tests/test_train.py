@@ -532,3 +532,26 @@ def test_best_checkpoint_is_ranked_only_by_an_eval_of_its_own_step(tmp_path, cap
   (tmp_path / "config.json").write_text(json.dumps(config_json))
   with pytest.raises(ValueError, match="not the model its config.json builds"):
     load_model(tmp_path)
+
+
+@pytest.mark.parametrize("status,requeued", [(75, True), (0, False), (3, False)])
+def test_slurm_script_requeues_a_run_stopped_by_a_signal(tmp_path, status, requeued):
+  """scripts/slurm_train.sh with stand-ins for srun (exits as ssm-train would) and
+  scontrol (records its arguments)."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "srun").write_text(f"#!/bin/bash\necho \"$@\" > {tmp_path}/srun\nexit {status}\n")
+  (bin_dir / "scontrol").write_text(f"#!/bin/bash\necho \"$@\" > {tmp_path}/scontrol\n")
+  for f in bin_dir.iterdir():
+    f.chmod(0o755)
+  script = Path(__file__).resolve().parents[1] / "scripts" / "slurm_train.sh"
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="123")
+  proc = subprocess.run(["bash", str(script), "--config.train.steps=7"], env=env,
+                        capture_output=True, text=True, cwd=tmp_path)
+  assert proc.returncode == status, proc.stderr
+  assert (tmp_path / "srun").read_text().split() == [
+      "ssm-train", "--config", "configs/bytes.py:mamba", "--workdir", "runs/slurm-123",
+      "--config.distributed.auto=True", "--config.mesh.data=-1", "--config.train.steps=7"]
+  assert (tmp_path / "scontrol").exists() == requeued
+  if requeued:
+    assert (tmp_path / "scontrol").read_text().split() == ["requeue", "123"]
