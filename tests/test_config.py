@@ -156,9 +156,9 @@ def test_check_finds_what_would_fail_after_compiling(spec, overrides, env, says,
   assert str(e.value).startswith(says), str(e.value)
 
 
-@pytest.mark.parametrize("env,mode", [({}, "offline"), ({"WANDB_MODE": "disabled"}, "disabled"),
-                                      ({"WANDB_MODE": "dryrun"}, "offline"),
-                                      ({"WANDB_MODE": "online"}, "online")])
+@pytest.mark.parametrize("env,mode", [
+    ({}, "offline"), ({"WANDB_MODE": "disabled"}, "disabled"),
+    ({"WANDB_MODE": "dryrun"}, "offline"), ({"WANDB_MODE": "online"}, "online")])
 def test_wandb_auto_follows_wandb_mode(env, mode, monkeypatch, tmp_path):
   from ssm.train.metrics import wandb_mode
   monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no credentials
@@ -168,3 +168,26 @@ def test_wandb_auto_follows_wandb_mode(env, mode, monkeypatch, tmp_path):
     monkeypatch.setenv(k, v)
   assert wandb_mode("auto") == mode
   assert wandb_mode("offline") == "offline"  # an explicit mode wins
+
+
+def test_configs_readme_lists_every_config_and_its_args():
+  """configs/README.md's tables: every config file, each with all of its :ARGs, the
+  default first; each listed :ARG loads."""
+  import inspect
+  import re
+  listed = dict(re.findall(r"^\| `((?:compare/)?\w+\.py)` \| ([^|]+) \|",
+                           (CONFIGS / "README.md").read_text(), re.M))
+  files = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.py"))
+  assert sorted(listed) == files
+  for name, args in listed.items():
+    args = re.findall(r"`(\w+)`", args)
+    path = CONFIGS / name
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (default,) = [p.default for p in inspect.signature(module.get_config).parameters.values()]
+    assert args[0] == default, name
+    if not name.startswith("compare/"):
+      assert sorted(args) == sorted(archs(path)), name
+    for arg in args:
+      load_config_file(f"{path}:{arg}")
