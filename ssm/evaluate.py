@@ -6,8 +6,8 @@ within the context (the long-context signature), at the training length and beyo
   ssm-eval runs/text-mamba --seq-len 128 512 2048       # and at 4x, 16x its length
   ssm-eval runs/ih-mamba --seq-len 4096 --batches 2     # induction heads at a new length
   ssm-eval runs/text-mamba --split train --config.task.path=other.txt
-  ssm-eval --hf state-spaces/mamba-130m-hf --task configs/text.py \\
-      --config.task.tokenizer=EleutherAI/gpt-neox-20b --config.task.path=held_out.txt
+  ssm-eval --hf state-spaces/mamba-130m-hf --config.task.path=held_out.txt  # its tokenizer
+  ssm-eval runs/text-mamba --tasks lambada_openai,hellaswag   # zero-shot (ssm.zeroshot)
 
 Writes eval.json and loss_by_position.png to --out (default WORKDIR/eval).
 """
@@ -164,6 +164,31 @@ def _load(args):
   return load_hf(args.hf, dtype=args.dtype), config, args.hf
 
 
+def _tokenizer_spec(args, config):
+  """--tokenizer; else the HF model's own; else the run's (a byte task's: bytes)."""
+  if args.tokenizer or args.hf:
+    return args.tokenizer or args.hf
+  name = config.task.get("name")
+  if name not in ("text", "bytes"):
+    raise ValueError(f"a run on task {name!r} has no tokenizer for text: give --tokenizer")
+  return config.task.tokenizer if name == "text" else "bytes"
+
+
+def zeroshot(args, model, config, label, out):
+  from ssm.data.tokenizer import load_tokenizer  # noqa: PLC0415
+  from ssm.zeroshot import run_tasks  # noqa: PLC0415
+  tok = load_tokenizer(_tokenizer_spec(args, config))
+  results = run_tasks(model, tok, args.tasks, include_path=args.include_path, limit=args.limit,
+                      num_fewshot=args.num_fewshot, batch_size=args.batch_size or 8,
+                      max_length=args.max_length)
+  (out / "zeroshot.json").write_text(json.dumps(dict(model=label, tasks=results), indent=1))
+  print(f"{label}: zero-shot ({tok.name})")
+  for task, metrics in results.items():
+    print(f"{task:>24} " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+  print(f"wrote {out / 'zeroshot.json'}")
+  return results
+
+
 def run(args, overrides):
   model, config, label = _load(args)
   config = mlc.ConfigDict(config.to_dict())  # unlocked: overrides are checked here
@@ -172,6 +197,15 @@ def run(args, overrides):
     if not eq:
       raise ValueError(f"{item}: expected --config.SECTION.KEY=VALUE")
     _override(config, dotted, value)
+  out = Path(args.out or (Path(args.workdir) / "eval" if args.workdir else "eval"))
+  out.mkdir(parents=True, exist_ok=True)
+  if args.tasks:
+    return zeroshot(args, model, config, label, out)
+  if args.tokenizer or args.hf:
+    if config.task.get("name") != "text":
+      raise ValueError("--tokenizer and --hf evaluate on tokenized text (a task named 'text', "
+                       "e.g. --task configs/text.py)")
+    config.task.tokenizer = _tokenizer_spec(args, config)
   vocab = getattr(model.config if hasattr(model, "config") else None, "vocab_size", None)
   need = make_pipeline(config.task, 1, 0).vocab_size
   if vocab is not None and vocab < need:
@@ -182,8 +216,6 @@ def run(args, overrides):
       config.train.get("eval_steps", 4))
   results = evaluate(model, config.task, split=args.split, batches=batches,
                      batch_size=batch_size, seq_lens=args.seq_len)
-  out = Path(args.out or (Path(args.workdir) / "eval" if args.workdir else "eval"))
-  out.mkdir(parents=True, exist_ok=True)
   record = dict(model=label, split=args.split, task=config.task.to_dict(),
                 results={str(k): v for k, v in results.items()})
   (out / "eval.json").write_text(json.dumps(record, indent=1))
@@ -217,6 +249,14 @@ def main(argv=None):
                       "train.eval_steps)")
   p.add_argument("--batch-size", type=int, default=0, help="default train.batch_size")
   p.add_argument("--out", help="where eval.json and the plot go (default WORKDIR/eval)")
+  p.add_argument("--tokenizer", help="a tokenizer (ssm.data.tokenizer) in place of the run's; "
+                                     "with --hf, default the model's own")
+  p.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated: zero-shot "
+                                 "accuracy in place of perplexity (ssm.zeroshot)")
+  p.add_argument("--include-path", help="a directory of local lm_eval task YAMLs")
+  p.add_argument("--limit", type=int, help="examples per task (a quick look)")
+  p.add_argument("--num-fewshot", type=int)
+  p.add_argument("--max-length", type=int, default=2048, help="context for zero-shot scoring")
   args, rest = p.parse_known_args(argv)
   bad = [a for a in rest if not a.startswith("--config.")]
   if bad:

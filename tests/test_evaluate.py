@@ -15,6 +15,7 @@ from flax import nnx
 
 from ssm.config import load_config_file
 from ssm.data import make_pipeline
+from ssm.data.tokenized import SHAKESPEARE_BPE
 from ssm.evaluate import evaluate, lm_sums_by_position
 from ssm.models import LMConfig, build
 from ssm.train.step import lm_loss
@@ -105,6 +106,7 @@ def test_an_imported_hugging_face_model_is_evaluated_on_a_text_task(tmp_path):
       pad_token_id=0, bos_token_id=0, eos_token_id=0)).eval()
   hf.save_pretrained(tmp_path / "hf")
   argv = ["--hf", str(tmp_path / "hf"), "--task", str(ROOT / "configs" / "text.py"),
+          "--tokenizer", str(SHAKESPEARE_BPE),
           "--out", str(tmp_path / "out"), "--batches", "1", "--batch-size", "2",
           f"--config.task.cache_dir={tmp_path / 'cache'}", "--config.task.seq_len=32",
           "--config.task.doc_separator="]  # one document: no reset inside a row
