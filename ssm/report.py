@@ -129,8 +129,11 @@ def read_results(path):
   path = Path(path)
   with path.open(newline="") as f:
     raw = list(csv.DictReader(f))
-  if not raw or "family" not in raw[0]:
-    raise ValueError(f"{path} holds no comparison rows: give the results.csv ssm-compare wrote")
+  missing = sorted({"family", "d_model", "params", "seeds", "steps", "eval_loss", "eval_accuracy",
+                    "eval_accuracy_min"} - set(raw[0] if raw else ()))
+  if missing:
+    raise ValueError(f"{path} holds no comparison rows (no {', '.join(missing)}): give the "
+                     "results.csv ssm-compare wrote")
   known = set(COLUMNS) | set(IMAGE_COLUMNS) | set(PLOT_COLUMNS)
   rows = []
   for r in raw:

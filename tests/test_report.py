@@ -148,8 +148,9 @@ def test_results_csv_round_trips_and_old_files_still_plot(tmp_path):
   assert sorted(heads[0]["evals"]) == ["accuracy@1024", "accuracy@128", "accuracy@256",
                                        "accuracy@512"]
   bad = tmp_path / "bad.csv"
-  bad.write_text("a,b\n1,2\n")
-  with pytest.raises(ValueError, match="no comparison rows"):
+  bad.write_text("family,d_model\nmamba,64\n")
+  with pytest.raises(ValueError, match=r"no comparison rows \(no eval_accuracy, eval_accuracy_min, "
+                     r"eval_loss, params, seeds, steps\)"):
     report.read_results(bad)
 
 
