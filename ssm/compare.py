@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -25,15 +26,23 @@ from absl import flags
 from ml_collections import config_flags
 
 from ssm.fields import check_keys
-from ssm.flops import (VISION_FAMILIES, family_config, lm_flops, lm_params, match, match_vision,
+from ssm.flops import (ASPECT, ASPECT_BAND, MIN_HEAD, VISION_ASPECT, VISION_FAMILIES,
+                       family_config, head_size, lm_flops, lm_params, match, match_vision,
                        vision_config, vision_flops, vision_params)
 from ssm.models import LMConfig, config_from_dict
 from ssm.report import best_rows, plot, write_tables
 from ssm.train import train
+from ssm.train.loop import NonFiniteLoss, Stopped
 from ssm.config import command, load_config_file, model_config
 from ssm.train.metrics import setup_logging
 
 log = logging.getLogger("ssm.compare")
+STOPPED = 75  # as ssm-train's: stopped by a signal with checkpoints saved; rerun to resume
+
+
+class RunFailed(RuntimeError):
+  """A run's process ended otherwise than by its config, its loss or a signal (its
+  traceback is above it): rerunning the comparison may help, and resumes it."""
 
 
 @dataclasses.dataclass
@@ -58,14 +67,17 @@ def plan(cfg):
   base = base_config(cfg)
   if _vision(cfg):
     return _plan_vision(cfg, base)
-  vocab = base.model.vocab_size
+  # every model setting of the base config (and overrides.model) that the family
+  # does not set itself: dtype, the Mamba / attention options, ...
+  like = config_from_dict(base.model)
   runs = []
   for size in cfg.sizes:
-    ref = family_config(cfg.reference.family, size, cfg.reference.n_layer, vocab)
+    ref = family_config(cfg.reference.family, size, cfg.reference.n_layer, like.vocab_size,
+                        like)
     for family in cfg.families:
       for seq_len in cfg.seq_lens or (0,):
         model = ref if family == cfg.reference.family else _matched(
-            cfg, family, ref, seq_len or base.task.seq_len, vocab)
+            cfg, family, ref, seq_len or base.task.seq_len, like)
         for seed in cfg.seeds:
           for lr in learning_rates(cfg, family):
             runs.append(Run(family, size, seed, lr, model, seq_len))
@@ -107,21 +119,36 @@ def _matched_vision(cfg, family, ref, like):
   if cfg.match == "width":
     return vision_config(family, ref.d_model, ref.n_layer, like)
   target = vision_params(ref) if cfg.match == "params" else 3 * vision_flops(ref)["total"]
-  vim, ref_vim = family.startswith("vim"), cfg.reference.family.startswith("vim")
-  hint = cfg.reference.n_layer * (2.0 if vim and not ref_vim else
-                                  0.5 if ref_vim and not vim else 1.0)
-  model, _, mismatch = match_vision(family, target, criterion=cfg.match, like=like,
-                                    depth_hint=hint,
-                                    depth=cfg.reference.n_layer if cfg.same_depth else None)
-  return _within_tolerance(cfg, family, ref, model, mismatch)
+  shape = _shape(cfg, family, ref, VISION_ASPECT)
+  model, _, mismatch = match_vision(family, target, criterion=cfg.match, like=like, **shape,
+                                    depth=cfg.reference.n_layer if cfg.same_depth else None,
+                                    tolerance=cfg.tolerance)
+  return _within_tolerance(cfg, family, ref, model, mismatch, shape)
 
 
-def _within_tolerance(cfg, family, ref, model, mismatch):
-  if abs(mismatch) > cfg.tolerance:
+def _shape(cfg, family, ref, aspects):
+  """The shape `family` is matched near: the reference's width / depth, scaled by the
+  families' usual ratio (a Transformer++ half as deep as Mamba at a width, a Vision
+  Mamba twice a ViT's depth), and heads at least MIN_HEAD wide (or the reference's)."""
+  return dict(aspect=ref.d_model / ref.n_layer * aspects[family] / aspects[cfg.reference.family],
+              min_head=min(MIN_HEAD, head_size(ref) or MIN_HEAD))
+
+
+def _within_tolerance(cfg, family, ref, model, mismatch, shape):
+  if abs(mismatch) <= cfg.tolerance:
+    return model
+  found = (f"{cfg.match} of the closest, d_model {model.d_model} x {model.n_layer} layers, "
+           f"differ by {mismatch:+.1%}")
+  if cfg.same_depth:
     raise ValueError(f"{family} cannot be matched to {cfg.reference.family} d_model "
-                     f"{ref.d_model} within {cfg.tolerance:.0%} ({mismatch:+.1%}); try another "
-                     "size, or free the depth with --config.same_depth=False")
-  return model
+                     f"{ref.d_model} within {cfg.tolerance:.0%} at its depth, "
+                     f"{cfg.reference.n_layer} layers ({found}); try another size, a larger "
+                     "--config.tolerance, or free the depth with --config.same_depth=False")
+  lo, hi = shape["aspect"] / ASPECT_BAND, shape["aspect"] * ASPECT_BAND
+  raise ValueError(f"{family} cannot be matched to {cfg.reference.family} d_model {ref.d_model} "
+                   f"within {cfg.tolerance:.0%} by any shape papers train (width / depth "
+                   f"{lo:.3g}-{hi:.3g}, heads at least {shape['min_head']} wide; {found}); try "
+                   "another size or a larger --config.tolerance")
 
 
 def learning_rates(cfg, family):
@@ -134,21 +161,48 @@ def learning_rates(cfg, family):
   return cfg.lrs[family]
 
 
-def _matched(cfg, family, ref, seq_len, vocab):
-  """`family` matched to the reference model `ref` on cfg.match at `seq_len`; "width"
-  takes the reference's width and depth (Zoology's Figure 2 axis: model dimension)."""
+def _matched(cfg, family, ref, seq_len, like):
+  """`family` matched to the reference model `ref` on cfg.match at `seq_len`, with
+  `like`'s settings; "width" takes the reference's width and depth (Zoology's Figure 2
+  axis: model dimension)."""
   if cfg.match == "width":
-    return family_config(family, ref.d_model, ref.n_layer, vocab)
+    return family_config(family, ref.d_model, ref.n_layer, like.vocab_size, like)
   target = lm_params(ref) if cfg.match == "params" else 3 * lm_flops(ref, seq_len)["total"]
-  hint = cfg.reference.n_layer * (0.5 if family == "transformer++" else 1.0)
+  shape = _shape(cfg, family, ref, ASPECT)
   model, _, mismatch = match(family, target, criterion=cfg.match, seq_len=seq_len,
-                             vocab_size=vocab, depth_hint=hint,
-                             depth=cfg.reference.n_layer if cfg.same_depth else None)
-  return _within_tolerance(cfg, family, ref, model, mismatch)
+                             vocab_size=like.vocab_size, like=like, **shape,
+                             depth=cfg.reference.n_layer if cfg.same_depth else None,
+                             tolerance=cfg.tolerance)
+  return _within_tolerance(cfg, family, ref, model, mismatch, shape)
+
+
+def comparison(c):
+  """What every comparison file's get_config returns: `c` with `overrides` holding
+  every key of the run config (c.base's; unset ones None), so that any run key can be
+  overridden from the command line and a misspelt one is named, and with `lrs`
+  taking either form, one sweep for every family or a sweep per family."""
+  c.overrides = _every_key(load_config_file(c.base), c.overrides, "overrides")
+  c.lrs = mlc.FieldReference(c.lrs, field_type=object)
+  return c
+
+
+def _every_key(run, given, where):
+  """A section of the run config `run` as placeholders of its types, `given`'s values set."""
+  check_keys(given, run, f"{where} (keys of the run config)")
+  out = mlc.ConfigDict()
+  for key in run:
+    if isinstance(run[key], mlc.ConfigDict):
+      out[key] = _every_key(run[key], given.get(key, mlc.ConfigDict()), f"{where}.{key}")
+    elif key in given:
+      out[key] = given[key]
+    else:  # a None in the run config takes any value there too
+      kind = object if run[key] is None else run.get_ref(key).get_type()
+      out[key] = mlc.config_dict.placeholder(kind)
+  return out
 
 
 def base_config(cfg):
-  """The base run config with the comparison's overrides, unlocked."""
+  """The base run config with the comparison's overrides (those set), unlocked."""
   c = load_config_file(cfg.base)
   c.unlock()
   _update(c, cfg.overrides.to_dict(), "overrides")
@@ -173,7 +227,7 @@ def _update(config, overrides, where):
   for key, value in overrides.items():
     if isinstance(value, dict):
       _update(config[key], value, f"{where}.{key}")
-    else:
+    elif value is not None:
       config[key] = value
 
 
@@ -246,7 +300,11 @@ def _execute(cfg, runs, workdir):
   if cfg.parallel <= 1:
     for label, run_dir in pending:
       log.info("%s", label)
-      run_one(run_dir)
+      try:
+        run_one(run_dir)
+      except (ValueError, NonFiniteLoss, Stopped) as e:  # one line in _main, naming the run
+        e.args = (f"run {run_dir.name}: {e}",)
+        raise
   else:
     _run_in_parallel(pending, cfg.parallel)
   return [json.loads((Path(workdir) / "runs" / r.name / "result.json").read_text())
@@ -255,7 +313,9 @@ def _execute(cfg, runs, workdir):
 
 def _run_in_parallel(labelled_run_dirs, parallel):
   """Each run in its own process, with its own share of the devices (GPUs) or of the
-  cores (CPU: XLA runs small models' ops on one core nearly as fast as on two)."""
+  cores (CPU: XLA runs small models' ops on one core nearly as fast as on two). The
+  processes are started fresh (no fork of this threaded one). A run that fails stops
+  the others (each saves a checkpoint first), and so do Ctrl-C and SIGTERM."""
   import jax
   # This process only schedules: it must not take the GPUs' memory, which JAX would
   # preallocate (75% of each) when it looks at the devices. The runs preallocate as usual.
@@ -264,30 +324,80 @@ def _run_in_parallel(labelled_run_dirs, parallel):
   on_gpu = jax.default_backend() == "gpu"
   units = [d.id for d in jax.local_devices()] if on_gpu else sorted(os.sched_getaffinity(0))
   share = max(1, len(units) // parallel)
-  queue, active = list(labelled_run_dirs), []
-  while queue or active:
-    while queue and len(active) < parallel:
-      slot = next(i for i in range(parallel) if i not in [s for s, _, _ in active])
-      mine = units[slot * share:(slot + 1) * share] or units
-      env, pin = dict(os.environ), None
-      if ours:
-        env.pop("XLA_PYTHON_CLIENT_PREALLOCATE")
-      if on_gpu:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, mine))
-      else:
-        pin = lambda cores=tuple(mine): os.sched_setaffinity(0, cores)
-      label, run_dir = queue.pop(0)
-      log.info("%s (in parallel)", label)
-      cmd = [sys.executable, "-c", f"from ssm.compare import run_one; run_one({str(run_dir)!r})"]
-      active.append((slot, run_dir, subprocess.Popen(cmd, env=env, preexec_fn=pin)))
-    time.sleep(0.5)
-    for entry in list(active):
-      slot, run_dir, proc = entry
-      if proc.poll() is not None:
-        active.remove(entry)
-        if proc.returncode:
-          raise RuntimeError(f"run {run_dir.name} failed (exit {proc.returncode}); see its "
-                             f"output above; rerun the comparison to resume it")
+  queue, active, failure = list(labelled_run_dirs), [], None
+  previous = signal.signal(signal.SIGTERM, _interrupt)
+  try:
+    while (queue and not failure) or active:
+      while queue and not failure and len(active) < parallel:
+        slot = next(i for i in range(parallel) if i not in [s for s, _, _ in active])
+        mine = units[slot * share:(slot + 1) * share] or units
+        env, pin = dict(os.environ), ""
+        if ours:
+          env.pop("XLA_PYTHON_CLIENT_PREALLOCATE")
+        if on_gpu:
+          env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, mine))
+        else:
+          pin = f"import os; os.sched_setaffinity(0, {tuple(mine)}); "
+        label, run_dir = queue.pop(0)
+        log.info("%s (in parallel)", label)
+        (run_dir / "error.txt").unlink(missing_ok=True)
+        code = pin + "import sys; from ssm.compare import run_child; run_child(sys.argv[1])"
+        active.append((slot, run_dir, subprocess.Popen([sys.executable, "-c", code, str(run_dir)],
+                                                       env=env)))
+      time.sleep(0.5)
+      for entry in list(active):
+        _, run_dir, proc = entry
+        if proc.poll() is not None:
+          active.remove(entry)
+          if proc.returncode and not failure:
+            failure = _failure(run_dir, proc.returncode)
+            _stop(active)
+  except KeyboardInterrupt as e:
+    _stop(active)
+    for _, _, proc in active:
+      proc.wait()
+    raise Stopped(f"stopped by {e.args[0] if e.args else 'Ctrl-C'}; the runs in progress saved "
+                  "checkpoints: rerun the comparison to resume it") from None
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  if failure:
+    raise failure
+
+
+def _interrupt(signum, frame):
+  raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _stop(active):
+  """SIGTERM to the runs in progress: each saves a checkpoint and stops."""
+  for _, _, proc in active:
+    proc.send_signal(signal.SIGTERM)
+
+
+def _failure(run_dir, code):
+  """The error to report for a run whose process exited with `code` (see run_child)."""
+  error = run_dir / "error.txt"
+  if code == STOPPED:
+    return Stopped(f"run {run_dir.name} was stopped by a signal, with a checkpoint: rerun the "
+                   "comparison to resume it")
+  if code in (2, 3) and error.exists():
+    message = f"run {run_dir.name}: {error.read_text()}"
+    return ValueError(message) if code == 2 else NonFiniteLoss(message)
+  return RunFailed(f"run {run_dir.name} failed (exit {code}; its output is above); rerunning "
+                   "the comparison resumes it from its last checkpoint")
+
+
+def run_child(run_dir):
+  """run_one in a process of its own: exit 2 (a config that cannot run) or 3 (a
+  non-finite loss) with the message in run_dir/error.txt, STOPPED for a run stopped by
+  SIGTERM or Ctrl-C with a checkpoint saved; anything else, its traceback."""
+  try:
+    run_one(run_dir)
+  except Stopped:
+    sys.exit(STOPPED)
+  except (ValueError, NonFiniteLoss) as e:
+    (Path(run_dir) / "error.txt").write_text(str(e))
+    sys.exit(3 if isinstance(e, NonFiniteLoss) else 2)
 
 
 def _train_flops(model, seq_len):
@@ -349,19 +459,20 @@ def compare(cfg, workdir):
   return workdir, table, figures
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/compare/<x>.py",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "default: runs/<comparison name>")
-
-
-def _main(argv):
-  del argv
+def _main(config, workdir):
   setup_logging()
   try:
-    workdir, table, figures = compare(_CONFIG.value, _WORKDIR.value)
-  except ValueError as e:  # a comparison that cannot run: its message says what to change
+    workdir, table, figures = compare(config.value, workdir.value)
+  except KeyboardInterrupt:
+    print("ssm-compare: stopped at once by a second Ctrl-C; rerunning the comparison resumes "
+          "each run from its newest checkpoint", file=sys.stderr)
+    sys.exit(130)
+  except (ValueError, NonFiniteLoss, Stopped, RunFailed) as e:
+    # a comparison that cannot run (its message says what to change), a run whose loss
+    # diverged, one stopped with a checkpoint, one that crashed
     print(f"ssm-compare: {e}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(2 if isinstance(e, ValueError) else 3 if isinstance(e, NonFiniteLoss)
+             else STOPPED if isinstance(e, Stopped) else 1)
   print(f"\n{table}\nresults: {workdir / 'results.csv'}, {workdir / 'results.md'}\n"
         f"plots: {', '.join(map(str, figures))}", flush=True)
 
@@ -385,14 +496,24 @@ shared loop; rerunning finishes an interrupted one.
 
 The main overrides: families, sizes, seeds, lrs (one tuple, or lrs.<family>), lr_sweep
 (first_seed | every_seed), match (width | params | flops), same_depth, seq_lens,
-parallel (runs at a time), overrides.<section>.<key> (passed to every run, e.g.
---config.overrides.train.steps=500).
+parallel (runs at a time), overrides.<section>.<key> (any key of the run config, passed
+to every run, e.g. --config.overrides.train.steps=500).
+
+Exit status: 0 done; 2 a comparison or run config that cannot run (the message says
+what to change); 3 a run's loss became NaN or inf; 75 stopped by SIGTERM or Ctrl-C,
+each run in progress with a checkpoint: rerun to resume; 1 a run crashed (its traceback
+is above): rerunning resumes it.
 """
 
 
 def main():
+  # defined here, not on import: comparison files import this module (`comparison`),
+  # which under `python -m ssm.compare` is a second copy of it
+  config = config_flags.DEFINE_config_file("config", None, "configs/compare/<x>.py",
+                                           lock_config=True)
+  workdir = flags.DEFINE_string("workdir", None, "default: runs/<comparison name>")
   flags.mark_flags_as_required(["config"])
-  command("ssm-compare", USAGE, _main)
+  command("ssm-compare", USAGE, lambda argv: _main(config, workdir))
 
 
 if __name__ == "__main__":

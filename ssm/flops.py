@@ -267,70 +267,116 @@ def family_config(family, d_model, n_layer, vocab_size, like: LMConfig = None, d
 # The usual width / depth of each family (mamba-130m: 768 / 24; Transformer++-125M: 768 / 12).
 ASPECT = {"mamba": 32, "transformer++": 64, "hybrid": 32, "attention": 32, "mamba2": 32}
 TOLERANCE = 0.02  # among sizes this close to the target, the usual shape wins
+# The shapes papers train: width / depth within a factor ASPECT_BAND of the family's usual
+# (or a reference's), Vim-Ti's 8 to GPT-3's 128 around 32; attention heads at least
+# MIN_HEAD wide, unless the reference's own are narrower.
+ASPECT_BAND = 4
+MIN_HEAD = 16
 
 
-def _widths(family):
-  if family == "mamba2":  # where the (default) headdim and ngroups divide
-    m = LMConfig.__dataclass_fields__["mamba2"].default
+def head_size(c):
+  """The attention head size of a model (LM or ViT); None where it has no attention."""
+  if isinstance(c, ViTConfig):
+    return c.d_model // c.n_heads
+  if isinstance(c, LMConfig) and "A" in c.layer_mixers:
+    return _attn_dims(c.d_model, c.attention)[2]
+  return None
+
+
+def _widths(family, like=None):
+  if family == "mamba2":  # where `like`'s (or the default) headdim and ngroups divide
+    m = like.mamba2 if like is not None else LMConfig.__dataclass_fields__["mamba2"].default
     return [d for d in range(8, 8193, 8)
             if (m.expand * d) % m.headdim == 0 and (m.expand * d // m.headdim) % m.ngroups == 0]
   return [d for d in range(8, 8193, 8) if family == "mamba" or attention_heads(d)]
 
 
 def match(family, target, *, criterion="params", seq_len=None, vocab_size, like=None,
-          depth=None, depth_hint=None, width=None):
+          depth=None, aspect=None, min_head=MIN_HEAD, width=None, tolerance=TOLERANCE):
   """The size of `family` whose parameters (or training FLOPs per token at
-  `seq_len`) come closest to `target`. Searches widths (multiples of 8) and depths (or only `depth`; then a Transformer++'s
-  MLP width may also range over 2-4x d_model, since at a fixed depth widths alone
-  step too coarsely); among sizes within 2% of the target, the best trade-off of
-  closeness and shape: near `depth_hint` layers, or else the family's usual width /
-  depth. A hybrid has at
-  least one layer of each kind; `width` fixes the width (e.g. a reference's, so that
-  attention heads stay 64 wide). Returns (config, value, relative mismatch)."""
+  `seq_len`) come closest to `target`. Searches widths (multiples of 8; for Mamba-2
+  those `like`'s headdim and groups divide) and depths (or only `depth`), and a
+  Transformer++'s MLP width over 2-4x d_model where widths alone step too coarsely (at
+  a fixed depth, or where no shape with the usual 8/3 is within `tolerance`), among the
+  shapes papers train only: width / depth within a factor ASPECT_BAND of `aspect`
+  (default the family's usual, ASPECT) and, where the depth is free, attention heads at
+  least `min_head` wide. Among sizes within `tolerance` of the target, the best
+  trade-off of closeness and nearness to `aspect`. A hybrid has at least one layer of
+  each kind; `width` fixes the width (e.g. a reference's, so that attention heads stay
+  64 wide). Returns (config, value, relative mismatch): a mismatch beyond `tolerance`
+  means that no such shape comes closer."""
   if criterion not in ("params", "flops"):
     raise ValueError(f"criterion {criterion!r}: expected 'params' or 'flops'")
   measure = ((lambda c: lm_params(c)) if criterion == "params"
              else (lambda c: 3 * lm_flops(c, seq_len)["total"]))
   mlp_range = ((lambda d: range(2 * d, 4 * d + 1, _mlp_step(d)))
-               if depth and family == "transformer++" else None)
+               if family == "transformer++" else None)
   return _search(lambda d, n, d_ff: family_config(family, d, n, vocab_size, like, d_ff),
-                 measure, target, widths=[width] if width else _widths(family),
-                 depths=[depth] if depth else range(1, 97), aspect=ASPECT[family],
-                 depth_hint=depth_hint, mlp_range=mlp_range, usual_mlp=lambda d: 8 * d / 3,
-                 min_layers=2 if family == "hybrid" else 1)  # a hybrid has a layer of each kind
+                 measure, target, widths=[width] if width else _widths(family, like),
+                 depths=[depth] if depth else range(1, 97), aspect=aspect or ASPECT[family],
+                 min_head=min_head, mlp_range=mlp_range, usual_mlp=lambda d: 8 * d / 3,
+                 min_layers=2 if family == "hybrid" else 1, tolerance=tolerance, what=family)
 
 
 def _mlp_step(d_model):
   return 8 if d_model < SMALL else 64
 
 
-def _search(make, measure, target, *, widths, depths, aspect, depth_hint=None, mlp_range=None,
-            usual_mlp=None, min_layers=1):
+def _search(make, measure, target, *, widths, depths, aspect, min_head, mlp_range=None,
+            usual_mlp=None, min_layers=1, tolerance=TOLERANCE, what=""):
   """The search `match` and `match_vision` share. `make(d_model, n_layer, d_ff)` builds a
   config (d_ff None: the family's own MLP width), `measure` its size; `mlp_range(d)`
-  the MLP widths also tried (at a fixed depth), `usual_mlp(d)` the family's own, which
-  the shape term measures them from; `aspect` the family's usual width / depth. Among
-  sizes within TOLERANCE of the target, the best trade-off of shape and closeness
-  (1% of error ~ a 1.6x aspect); else the closest. Returns (config, value, mismatch)."""
-  best = None
-  for n_layer in depths:
-    if n_layer < min_layers:
-      continue
-    if measure(make(widths[0], n_layer, None)) > 2 * target:
-      break  # deeper is only bigger
-    for d in widths:
-      for d_ff in (mlp_range(d) if mlp_range else [None]):
-        c = make(d, n_layer, d_ff)
-        value = measure(c)
-        err = abs(value - target) / target
-        shape = abs(math.log(n_layer / depth_hint if depth_hint else d / (aspect * n_layer)))
-        if d_ff:
-          shape += abs(math.log(c.d_intermediate / usual_mlp(d)))
-        key = (0, shape + 50 * err) if err <= TOLERANCE else (1, err)
-        if best is None or key < best[0]:
-          best = (key, c, value, (value - target) / target)
-      if value > 2 * target:
-        break
+  the MLP widths also tried (at a fixed depth always; at a free depth only where the
+  family's own MLP gives no match within `tolerance`), `usual_mlp(d)` the family's own,
+  which the shape term measures them from. Only the shapes papers train are taken:
+  width / depth within a factor ASPECT_BAND of `aspect` and, where the depth is free,
+  two layers at least and attention heads at least `min_head` wide (at a fixed depth
+  the target leaves the width). Among them, within `tolerance` of the target, the best trade-off of shape
+  (where the depth is free, the distance from `aspect`) and closeness (1% of error ~ a
+  1.6x aspect); else the closest. Returns (config, value, mismatch); a ValueError where
+  no shape qualifies."""
+  free = len(depths) > 1
+
+  def best_of(mlps):
+    best = None
+    for n_layer in depths:
+      if n_layer < (max(2, min_layers) if free else min_layers):
+        continue  # a free depth: two layers at least, as every comparison trains
+      if measure(make(widths[0], n_layer, None)) > 2 * target:
+        break  # deeper is only bigger
+      for d in widths:
+        ratio = math.log(d / (aspect * n_layer))
+        if ratio < -math.log(ASPECT_BAND):
+          continue
+        if ratio > math.log(ASPECT_BAND):
+          break
+        c = make(d, n_layer, None)
+        if free and (head_size(c) or min_head) < min_head:
+          continue
+        for d_ff in mlps(d):
+          c = make(d, n_layer, d_ff)
+          value = measure(c)
+          err = abs(value - target) / target
+          shape = abs(ratio) if free else 0.0
+          if d_ff:
+            shape += abs(math.log(c.d_intermediate / usual_mlp(d)))
+          key = (0, shape + 50 * err) if err <= tolerance else (1, err)
+          if best is None or key < best[0]:
+            best = (key, c, value, (value - target) / target)
+        if value > 2 * target:
+          break
+    return best
+
+  own = lambda d: [None]
+  best = best_of(mlp_range if mlp_range and not free else own)
+  if mlp_range and free and (best is None or best[0][0]):
+    best = best_of(mlp_range)
+  if best is None:
+    depth = "any depth" if free else f"{depths[0]} layers"
+    raise ValueError(f"{what}: no shape at {depth} has width / depth within "
+                     f"{aspect / ASPECT_BAND:.3g}-{aspect * ASPECT_BAND:.3g}"
+                     + (f" and attention heads at least {min_head} wide" if free else "")
+                     + " (the shapes papers train)")
   _, c, value, mismatch = best
   return c, value, mismatch
 
@@ -391,14 +437,15 @@ def _vision_widths(family):
   return [d for d in range(8, 8193, 8) if family.startswith("vim") or attention_heads(d)]
 
 
-def match_vision(family, target, *, criterion="params", like=None, depth=None, depth_hint=None,
-                 width=None, registers=REGISTERS):
+def match_vision(family, target, *, criterion="params", like=None, depth=None, aspect=None,
+                 min_head=MIN_HEAD, width=None, registers=REGISTERS, tolerance=TOLERANCE):
   """The size of a vision `family` whose parameters (or training FLOPs per image, 3x
   the forward) come closest to `target`, on `like`'s images; the search and the
-  choice as `match`'s: widths (multiples of 8) and depths (or only `depth`; then a
-  ViT's MLP width also ranges over 2-6x d_model, as widths alone step too coarsely);
-  among sizes within 2%, the best trade-off of closeness and shape (near `depth_hint`
-  layers, or else the family's usual width / depth). Returns (config, value, relative
+  choice as `match`'s: widths (multiples of 8) and depths (or only `depth`), a ViT's
+  MLP width over 2-6x d_model where widths alone step too coarsely, width / depth
+  within a factor ASPECT_BAND of `aspect` (default the family's usual, VISION_ASPECT)
+  and heads at least `min_head` wide; among sizes within `tolerance`, the best
+  trade-off of closeness and nearness to `aspect`. Returns (config, value, relative
   mismatch)."""
   if criterion not in ("params", "flops"):
     raise ValueError(f"criterion {criterion!r}: expected 'params' or 'flops'")
@@ -407,8 +454,9 @@ def match_vision(family, target, *, criterion="params", like=None, depth=None, d
   measure = (vision_params if criterion == "params"
              else (lambda c: 3 * vision_flops(c)["total"]))
   mlp_range = ((lambda d: range(2 * d, 6 * d + 1, _mlp_step(d)))
-               if depth and family.startswith("vit") else None)
+               if family.startswith("vit") else None)
   return _search(lambda d, n, d_ff: vision_config(family, d, n, like, d_ff, registers),
                  measure, target, widths=[width] if width else _vision_widths(family),
-                 depths=[depth] if depth else range(1, 97), aspect=VISION_ASPECT[family],
-                 depth_hint=depth_hint, mlp_range=mlp_range, usual_mlp=lambda d: 4 * d)
+                 depths=[depth] if depth else range(1, 97),
+                 aspect=aspect or VISION_ASPECT[family], min_head=min_head, mlp_range=mlp_range,
+                 usual_mlp=lambda d: 4 * d, tolerance=tolerance, what=family)

@@ -5,6 +5,8 @@ configs/compare/ runs end to end at a tiny size."""
 import csv
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,9 +16,11 @@ from pathlib import Path
 import pytest
 
 import ml_collections as mlc
+from absl import flags
 
 from ssm.compare import compare as run_compare
-from ssm.compare import learning_rates, load_config_file, plan
+from ssm.compare import base_config, learning_rates, load_config_file, plan, run_config
+from ssm.config import _check_key
 from ssm.flops import lm_flops, lm_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,10 +50,13 @@ def test_plan_matches_every_family_within_tolerance():
   hybrid = next(r.model for r in runs if r.family == "hybrid")
   assert set(hybrid.layer_mixers) == {"M", "A"}
   cfg.sizes = (64,)
-  with pytest.raises(ValueError, match="cannot be matched"):
+  with pytest.raises(ValueError, match="cannot be matched .* at its depth"):
     plan(cfg)
-  cfg.same_depth = False  # free depth: close matches exist
-  assert len(plan(cfg)) == 3 * 2
+  cfg.same_depth = False  # free depth: no Transformer++ of two layers or more is as small
+  with pytest.raises(ValueError, match="cannot be matched .* by any shape papers train"):
+    plan(cfg)
+  cfg.sizes = (120, 128)
+  assert len(plan(cfg)) == 2 * 3 * 2
 
 
 def test_width_plan_is_zoologys_axis():
@@ -81,11 +88,127 @@ def test_flop_matching_uses_each_swept_length():
   assert tpp[64] != tpp[1024]
 
 
-def compare(workdir, *extra, wait=True):
+def test_lm_runs_keep_the_base_models_settings():
+  """Every model setting of the base config and overrides.model reaches every run
+  unless the family sets it: bytes.py:paper's bfloat16, a Mamba state size."""
+  cfg = load_config_file(str(ROOT / "configs" / "compare" / "bytes.py") + ":paper")
+  runs = plan(cfg)
+  assert {r.family for r in runs} == {"mamba", "transformer++", "hybrid"}
+  assert {r.model.dtype for r in runs} == {"bfloat16"}
+  assert {run_config(cfg, r).model.dtype for r in runs} == {"bfloat16"}
+  cfg = load_config_file(CONFIG)
+  cfg.families = ("attention", "mamba", "hybrid", "mamba2")
+  cfg.overrides.model.mamba.d_state = 8
+  cfg.overrides.model.mamba2.headdim = 32
+  runs = plan(cfg)
+  mamba = {r.family: run_config(cfg, r).model for r in runs}
+  assert mamba["mamba"].mamba.d_state == mamba["hybrid"].mamba.d_state == 8
+  assert mamba["mamba2"].mamba2.headdim == 32 and mamba["mamba2"].pattern == "S"
+  assert mamba["attention"].attention.n_heads == 1  # the family's own
+
+
+def test_overrides_take_any_key_of_the_run_config(monkeypatch):
+  """overrides.<section>.<key> for keys the comparison file does not set, checked
+  against the run config's keys and types; lrs as one tuple for every family."""
+  from test_config import parse
+  monkeypatch.chdir(ROOT)
+  cfg = parse("configs/compare/mqar.py", "--config.overrides.train.warmup_steps=5",
+              "--config.overrides.model.dtype=bfloat16", "--config.overrides.task.seq_len=128",
+              "--config.lrs=(3e-3,)")
+  runs = plan(cfg)
+  assert {r.lr for r in runs} == {3e-3} and len(runs) == 2 * 3 * 2  # sizes, families, seeds
+  c = run_config(cfg, runs[0])
+  assert (c.train.warmup_steps, c.model.dtype, c.task.seq_len) == (5, "bfloat16", 128)
+  assert c.train.steps == 640  # the file's own overrides kept
+  unset = base_config(load_config_file(CONFIG))  # not overridden: configs/mqar.py's own
+  assert unset.train.warmup_steps == load_config_file(cfg.base).train.warmup_steps == 50
+  cfg = parse("configs/compare/images.py", "--config.overrides.task.path=/data/fmnist")
+  assert run_config(cfg, plan(cfg)[0]).task.path == "/data/fmnist"
+  cfg = parse("configs/compare/mqar.py", "--config.lrs.mamba=(1e-2,)")
+  assert learning_rates(cfg, "mamba") == (1e-2,) and learning_rates(cfg, "hybrid") == (1e-3, 3e-3)
+  with pytest.raises(ValueError, match="'warmup_step': did you mean 'warmup_steps'"):
+    _check_key(load_config_file(CONFIG), "overrides.train.warmup_step")
+  with pytest.raises(flags.IllegalFlagValueError):
+    parse("configs/compare/mqar.py", "--config.overrides.train.warmup_steps=abc")
+
+
+def test_matched_shapes_are_ones_papers_train():
+  """Free depth: width / depth within ASPECT_BAND of the reference's (scaled by the
+  family's usual), two layers at least, heads at least 16 wide (or the reference's);
+  where no such shape is within tolerance, the error says so, and advises freeing the
+  depth only where it is fixed."""
+  shapes = {}
+  for name, match in [("mqar", "flops"), ("bytes", "flops"), ("images", "flops"),
+                      ("bytes", "params")]:
+    cfg = load_config_file(str(ROOT / "configs" / "compare" / f"{name}.py"))
+    cfg.match, cfg.same_depth = match, False
+    for r in plan(cfg):
+      shapes[name, match, r.size, r.family] = (r.model.d_model, r.model.n_layer)
+  assert shapes == {
+      ("mqar", "flops", 64, "attention"): (56, 4), ("mqar", "flops", 64, "mamba"): (64, 2),
+      ("mqar", "flops", 64, "hybrid"): (72, 2), ("mqar", "flops", 96, "attention"): (72, 5),
+      ("mqar", "flops", 96, "mamba"): (96, 2), ("mqar", "flops", 96, "hybrid"): (80, 3),
+      ("bytes", "flops", 80, "mamba"): (80, 3), ("bytes", "flops", 80, "transformer++"): (64, 2),
+      ("bytes", "flops", 80, "hybrid"): (96, 2), ("bytes", "flops", 96, "mamba"): (96, 3),
+      ("bytes", "flops", 96, "transformer++"): (80, 2), ("bytes", "flops", 96, "hybrid"): (80, 4),
+      ("images", "flops", 40, "vit"): (40, 3), ("images", "flops", 40, "vit+reg"): (40, 3),
+      ("images", "flops", 40, "vim"): (32, 3), ("images", "flops", 40, "vim+reg"): (16, 6),
+      ("bytes", "params", 80, "mamba"): (80, 3), ("bytes", "params", 80, "transformer++"): (64, 3),
+      ("bytes", "params", 80, "hybrid"): (88, 3), ("bytes", "params", 96, "mamba"): (96, 3),
+      ("bytes", "params", 96, "transformer++"): (88, 2), ("bytes", "params", 96, "hybrid"): (104, 3)}
+  cfg = load_config_file(str(ROOT / "configs" / "compare" / "selective_copy.py"))
+  cfg.match, cfg.same_depth = "params", False
+  with pytest.raises(ValueError) as e:
+    plan(cfg)
+  assert str(e.value) == (
+      "transformer++ cannot be matched to mamba d_model 64 within 2% by any shape papers "
+      "train (width / depth 16-256, heads at least 16 wide; params of the closest, d_model 64 "
+      "x 2 layers, differ by +25.2%); try another size or a larger --config.tolerance")
+  cfg.same_depth = True
+  with pytest.raises(ValueError, match="at its depth, 2 layers .* free the depth with "
+                                       "--config.same_depth=False"):
+    plan(cfg)
+
+
+def documented_commands():
+  """Every ssm-compare command in README.md, docs/ and configs/compare/'s docstrings
+  (continuation lines joined, comments dropped), as argument lists."""
+  import ast
+  texts = [p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]]
+  texts += [ast.get_docstring(ast.parse(p.read_text()))
+            for p in sorted((ROOT / "configs" / "compare").glob("*.py"))]
+  commands = []
+  for text in texts:
+    for line in re.findall(r"ssm-compare (--config[^`|\n]*)", text.replace("\\\n", " ")):
+      commands.append(shlex.split(line, comments=True))
+  return commands
+
+
+def test_every_documented_comparison_plans(monkeypatch):
+  """Each command the docs show gets its plan (matched within its tolerance), without
+  training."""
+  from test_config import parse
+  monkeypatch.chdir(ROOT)
+  commands = documented_commands()
+  assert len(commands) >= 20
+  specs = set()
+  for args in commands:
+    spec = args[args.index("--config") + 1] if "--config" in args else next(
+        a.split("=", 1)[1] for a in args if a.startswith("--config="))
+    overrides = [a for a in args if a.startswith("--config.")]
+    runs = plan(parse(spec, *overrides))
+    assert runs, args
+    specs.add((spec, *overrides))
+  assert ("configs/compare/bytes.py", "--config.match=flops") in specs
+  assert ("configs/compare/mqar.py", "--config.match=flops", "--config.same_depth=False") in specs
+
+
+def compare(workdir, *extra, wait=True, start_new_session=False):
   cmd = [sys.executable, "-m", "ssm.compare", f"--config={CONFIG}", f"--workdir={workdir}",
          *TINY, *extra]
   proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                          text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                          start_new_session=start_new_session)
   if not wait:
     return proc
   out, _ = proc.communicate(timeout=900)
@@ -112,6 +235,39 @@ def test_killed_sweep_finishes_without_redoing_runs(tmp_path):
   table = (tmp_path / "results.md").read_text()
   assert all(f in table for f in ("mamba", "attention", "hybrid", "eval_loss"))
   assert (tmp_path / "results.csv").exists() and (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_a_failing_run_is_one_line_and_no_fork(tmp_path):
+  """A run whose config cannot run (found inside the run's own process, parallel=2):
+  one line naming the run and what to change, exit 2, no traceback, no advice to
+  rerun, and no os.fork() warning from starting the runs."""
+  proc = compare(tmp_path, "--config.overrides.train.log_every=0", "--config.parallel=2",
+                 wait=False)
+  out, _ = proc.communicate(timeout=600)
+  errors = [l for l in out.splitlines() if l.startswith("ssm-compare:")]
+  assert proc.returncode == 2, out[-3000:]
+  assert len(errors) == 1 and errors[0].endswith(": train.log_every=0: must be >= 1"), out[-3000:]
+  assert errors[0].startswith("ssm-compare: run ") and "-ref32-s0-lr0.003" in errors[0]
+  assert "Traceback" not in out and "fork" not in out and "rerun" not in out, out[-3000:]
+
+
+def test_an_interrupted_comparison_says_it_resumes(tmp_path):
+  """Ctrl-C (SIGINT to the process group, as a terminal sends it) during parallel runs:
+  each run saves a checkpoint and the comparison exits 75 saying to rerun it."""
+  proc = compare(tmp_path, "--config.overrides.train.steps=100000",
+                 "--config.overrides.checkpoint.every=100000", "--config.parallel=2",
+                 wait=False, start_new_session=True)
+  runs = tmp_path / "runs"
+  deadline = time.time() + 300
+  while time.time() < deadline and len(list(runs.glob("*/metrics.jsonl"))) < 2:
+    time.sleep(0.2)
+  os.killpg(proc.pid, signal.SIGINT)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 75, out[-3000:]
+  assert out.rstrip().splitlines()[-1] == (
+      "ssm-compare: stopped by Ctrl-C; the runs in progress saved checkpoints: rerun the "
+      "comparison to resume it")
+  assert len(list(runs.glob("*/checkpoints/*/"))) >= 2 and "Traceback" not in out
 
 
 def _tiny(cfg):

@@ -109,6 +109,20 @@ def test_matching_within_two_percent(reference, criterion):
     assert exact == value
 
 
+@pytest.mark.parametrize("headdim", [48, 8])
+def test_mamba2_matching_takes_likes_headdim(headdim):
+  """The widths searched are those `like`'s headdim divides: 48 (not a divisor of the
+  default's widths) matches, and 8 finds widths that are not multiples of 32."""
+  from ssm.layers.mamba2 import Mamba2Config
+  like = LMConfig(d_model=48, n_layer=2, vocab_size=256, pattern="S",
+                  mamba2=Mamba2Config(d_state=16, headdim=headdim))
+  width = 72 if headdim == 48 else 40
+  target = family_config("mamba2", width, 2, 256, like)
+  config, value, mismatch = match("mamba2", lm_params(target), vocab_size=256, like=like,
+                                  depth=2)
+  assert (config.d_model, config.mamba2.headdim, mismatch) == (width, headdim, 0.0)
+
+
 # --- vision families ------------------------------------------------------------------
 
 from ssm.flops import (VISION_FAMILIES, match_vision, vision_config,  # noqa: E402

@@ -14,6 +14,8 @@ against byte-level Transformers at the same FLOPs per byte.
 
 import ml_collections as mlc
 
+from ssm.compare import comparison
+
 
 def get_config(setting="cpu"):
   c = mlc.ConfigDict()
@@ -24,7 +26,8 @@ def get_config(setting="cpu"):
   c.sizes = (80, 96)
   c.same_depth = True  # every family three layers deep; widths (and the MLP width) matched
   c.match = "params"
-  c.tolerance = 0.02
+  c.tolerance = 0.05  # on FLOPs at three layers the hybrid's widths step coarsely: the
+  # closest is 4.8% off (on parameters every family is within 2%)
   c.seq_lens = ()
   c.seeds = (0,)
   c.lrs = (3e-3,)
@@ -53,4 +56,4 @@ def get_config(setting="cpu"):
     raise ValueError(f"configs/compare/bytes.py:{setting}: expected 'cpu' or 'paper'")
   c.wandb_mode = "auto"
   c.parallel = 2
-  return c
+  return comparison(c)

@@ -24,6 +24,8 @@ training set: --config.overrides.task.train_split=train (and more steps).
 
 import ml_collections as mlc
 
+from ssm.compare import comparison
+
 FAMILIES = ("vit", "vit+reg", "vim", "vim+reg")
 
 
@@ -77,4 +79,4 @@ def get_config(setting="cpu"):
                      "'paper' (ImageNet)")
   c.wandb_mode = "auto"
   c.parallel = 2  # runs at a time, each on its share of the devices (GPUs) or cores (CPU)
-  return c
+  return comparison(c)

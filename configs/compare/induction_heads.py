@@ -15,6 +15,8 @@ with the square of the length.
 
 import ml_collections as mlc
 
+from ssm.compare import comparison
+
 
 def get_config(setting="cpu"):
   c = mlc.ConfigDict()
@@ -52,4 +54,4 @@ def get_config(setting="cpu"):
     raise ValueError(f"configs/compare/induction_heads.py:{setting}: expected 'cpu' or 'paper'")
   c.wandb_mode = "auto"
   c.parallel = 2
-  return c
+  return comparison(c)

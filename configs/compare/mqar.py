@@ -20,6 +20,8 @@ Zoology's learning rates, up to 64 epochs of 100k examples at batch 512) wants a
 
 import ml_collections as mlc
 
+from ssm.compare import comparison
+
 
 def get_config(setting="cpu"):
   c = mlc.ConfigDict()
@@ -30,7 +32,8 @@ def get_config(setting="cpu"):
   c.sizes = (64, 96)  # reference widths (Zoology's: 64 to 512)
   c.same_depth = True  # with match params / flops: every family at the reference's depth
   c.match = "width"  # or "params", "flops" (training FLOPs per token at the task's length)
-  c.tolerance = 0.02
+  c.tolerance = 0.05  # for params / flops: one-head attention without MLPs steps coarsely
+  # (on FLOPs at width 96 the closest is 3% off)
   c.seq_lens = ()  # task lengths to sweep, e.g. (64, 128, 256): one panel each
   c.seeds = (0, 1)
   # per family (one sweep here; the paper setting's is Zoology's); attention does not
@@ -69,4 +72,4 @@ def get_config(setting="cpu"):
     raise ValueError(f"configs/compare/mqar.py:{setting}: expected 'cpu' or 'paper'")
   c.wandb_mode = "auto"
   c.parallel = 2  # runs at a time, each on its share of the devices (GPUs) or cores (CPU)
-  return c
+  return comparison(c)

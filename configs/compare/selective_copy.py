@@ -12,6 +12,8 @@ H3 57.0%, Hyena 30.1%).
 
 import ml_collections as mlc
 
+from ssm.compare import comparison
+
 
 def get_config(setting="cpu"):
   c = mlc.ConfigDict()
@@ -46,4 +48,4 @@ def get_config(setting="cpu"):
     raise ValueError(f"configs/compare/selective_copy.py:{setting}: expected 'cpu' or 'paper'")
   c.wandb_mode = "auto"
   c.parallel = 2
-  return c
+  return comparison(c)
