@@ -1,8 +1,12 @@
 """ssm.generate: greedy decoding equals the full pass's argmax (every family, ragged
-batches), rows are independent, stop tokens end rows, speculative decoding gives the
-target's output (greedy: exactly; sampled: in distribution), ssm-generate runs on a
-trained byte-level model, and bad input is a clear error."""
+batches), rows are independent, stop tokens end rows, top-p / min-p and the repetition
+penalty act in the decode loop as computed by hand, speculative decoding gives the
+target's output (greedy: exactly, Mamba-2 too; sampled over ragged prompts: in
+distribution), ssm-generate runs on a trained byte-level model and reads an imported
+model's tokenizer without transformers, and bad input or a missing extra is a clear
+error."""
 
+import itertools
 import json
 import shutil
 import sys
@@ -126,6 +130,37 @@ def test_speculative_greedy_is_the_targets_greedy_across_families(models):
                               sampling=GREEDY)
   assert same.acceptance_rate == 1.0 and same.rounds == 2
   assert same.rows() == generate(models["hybrid"], PROMPTS, 8, GREEDY).rows()
+
+
+def test_speculative_sampling_over_ragged_prompts_has_the_targets_distribution():
+  """The first three tokens after each of two prompts of lengths 2 and 5, in one batch
+  of 4,000 rows (each its own key; the shorter left-padded), with a Mamba-2 draft: a
+  chi-square test per prompt against the target's exact joint distribution, from full
+  passes over all 8^3 continuations. The draft's own samples fail the same test."""
+  target, draft = tiny("transformer++", 10, vocab_size=8), tiny("mamba2", 11, vocab_size=8)
+  sampling, n = Sampling(temperature=1.0, top_k=6), 4000
+  prompts = [[1, 2], [5, 3, 1, 4, 6]]
+  batch = prompts * (n // 2)  # rows alternate
+  full_pass = nnx.jit(lambda m, x: m(x))
+
+  def joint(prompt):
+    seqs = np.array([prompt + list(c) for c in itertools.product(range(8), repeat=3)])
+    L = len(prompt)
+    logits = full_pass(target, jnp.asarray(seqs[:, :-1]))[:, L - 1:]
+    p = np.asarray(probabilities(logits.reshape(-1, 8), sampling, 8)).reshape(len(seqs), 3, 8)
+    joint = np.prod([p[np.arange(len(seqs)), t, seqs[:, L + t]] for t in range(3)], axis=0,
+                    dtype=np.float64)
+    return joint / joint.sum()  # float32's rounding
+
+  def pvalues(tokens):
+    codes = tokens[:, 0] * 64 + tokens[:, 1] * 8 + tokens[:, 2]
+    return [chisquare_pvalue(np.bincount(codes[i::2], minlength=512), joint(prompt))
+            for i, prompt in enumerate(prompts)]
+
+  out = speculative_generate(target, draft, batch, 3, k=2, sampling=sampling, seed=1)
+  assert 0 < out.acceptance_rate < 1
+  assert min(pvalues(out.tokens)) > 1e-3
+  assert max(pvalues(generate(draft, batch, 3, sampling, seed=1).tokens)) < 1e-6
 
 
 def test_top_p_and_min_p_decoding_draws_from_the_hand_computed_distribution():
