@@ -34,6 +34,7 @@ from ssm.report import best_rows, plot, write_tables
 from ssm.train import train
 from ssm.train.loop import NonFiniteLoss, Stopped
 from ssm.config import command, load_config_file, model_config
+from ssm.data.pipeline import task_vocab_size
 from ssm.train.metrics import setup_logging
 
 log = logging.getLogger("ssm.compare")
@@ -69,6 +70,8 @@ def plan(cfg):
     return _plan_vision(cfg, base)
   # every model setting of the base config (and overrides.model) that the family
   # does not set itself: dtype, the Mamba / attention options, ...
+  if base.model.vocab_size == 0:  # the task's (its tokenizer's), as ssm-train takes it
+    base.model.vocab_size = task_vocab_size(base.task)
   like = config_from_dict(base.model)
   runs = []
   for size in cfg.sizes:

@@ -107,6 +107,13 @@ def test_lm_runs_keep_the_base_models_settings():
   assert mamba["attention"].attention.n_heads == 1  # the family's own
 
 
+def test_a_base_with_the_tasks_vocabulary_plans_with_it():
+  """model.vocab_size=0 (configs/text.py: the tokenizer's) is resolved before matching."""
+  cfg = load_config_file(str(ROOT / "configs" / "compare" / "bytes.py"))
+  cfg.base, cfg.overrides.task = "configs/text.py:mamba", mlc.ConfigDict()
+  assert {r.model.vocab_size for r in plan(cfg)} == {1024}  # its BPE's 1024 ids
+
+
 def test_overrides_take_any_key_of_the_run_config(monkeypatch):
   """overrides.<section>.<key> for keys the comparison file does not set, checked
   against the run config's keys and types; lrs as one tuple for every family."""
