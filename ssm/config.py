@@ -57,8 +57,10 @@ def base():
 
 
 def check(c):
-  """ValueErrors, naming the key and its value, for train and checkpoint values out of
-  range (the model and task dataclasses check their own fields)."""
+  """ValueErrors, naming the key and its value, for train, checkpoint and W&B values out
+  of range (the model and task dataclasses check their own fields), and for what the
+  run would otherwise find out only after compiling (`_check_run`). The Trainer calls
+  it first."""
   t, k = c.train, c.checkpoint
   at_least = lambda x, low: (x, x >= low, f"must be >= {low}")
   require("train", steps=at_least(t.steps, 0), lr=at_least(t.lr, 0),
@@ -94,7 +96,8 @@ def _check_run(c):
                          f"{model.max_position_embeddings} learned positions: raise "
                          "model.max_position_embeddings or shorten task.seq_len / "
                          "task.eval_seq_lens")
-  # The formats now (eval_every 1: whether or not evals will check them, as the loop says).
+  # stop_when parsed and patience checked (eval_every 1 here: the loop itself warns
+  # when evals are off).
   early = EarlyStop(types.SimpleNamespace(stop_when=t.stop_when, patience=t.patience,
                                           eval_every=1), k)
   if not t.eval_every:
@@ -171,8 +174,9 @@ def load_config_file(spec):
 
 def command(prog, usage, run):
   """absl's app.run for a console script whose --config is a config file: `--help`
-  prints `usage`; a missing --config, a config file that does not exist or that
-  raises an error (a wrong :ARG, a bad value) is one line on stderr and exit 2."""
+  (and absl's --helpshort, --helpfull) prints `usage`; a missing --config, a config
+  file that does not exist or that raises an error (a wrong :ARG, a bad value), a flag
+  value of the wrong type or a missing required flag is one line on stderr and exit 2."""
   import sys
 
   from absl import app, flags
