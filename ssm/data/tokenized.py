@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
 
@@ -54,7 +55,7 @@ log = logging.getLogger("ssm.data")
 # `ssm-tokenizer ssm/data/corpora/tinyshakespeare.txt --vocab-size 1024
 # --out ssm/data/corpora/shakespeare-bpe1024.json`).
 SHAKESPEARE_BPE = SHAKESPEARE.parent / "shakespeare-bpe1024.json"
-FORMAT = 1  # the cache layout; a change makes new keys
+FORMAT = 2  # the cache layout; a change makes new keys
 SHARD_TOKENS = 1 << 24  # tokens per ArrayRecord shard (64 MiB)
 ENCODE_BATCH = 512  # documents per call of the tokenizer (Rust, parallel)
 
@@ -132,15 +133,36 @@ class TokenizedText(Pipeline):
 
   # --- batches ---------------------------------------------------------------
   def batches(self, split, rows):
-    docs = self.split(split).documents()
-    if split == "train" and self.shuffle:
-      docs = docs.shuffle(seed=self.seed)  # a new order each epoch
+    tokenized = self.split(split)
+    source, n = tokenized.source(), tokenized.meta["documents"]
+    shuffle = split == "train" and self.shuffle
+
+    @functools.lru_cache(maxsize=2)
+    def epoch_order(epoch):  # a new order each epoch (one uint32 per document)
+      rng = np.random.default_rng([self.seed, epoch])
+      return rng.permutation(n).astype(np.uint32) if shuffle else np.arange(n, dtype=np.uint32)
     bos, eos = self.tok.bos_id, self.tok.eos_id
-    ends = [eos] if eos is not None and eos != bos else []
-    docs = docs.repeat().map(lambda ids: {"tokens": np.concatenate([[bos], ids, ends])
-                                          .astype(np.int32)})
-    docs = docs.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=16))
-    windows = gx.ConcatThenSplitIterDataset(docs, length_struct={"tokens": self.seq_len + 1})
+    with_end = eos is not None and eos != bos
+    start, end = np.asarray([bos], np.uint32), np.asarray([eos if with_end else 0], np.uint32)
+    # Documents reach the packer in groups of ~64k tokens, each group one batched read:
+    # packing and reading cost per call, and short documents one at a time would starve
+    # a GPU (scripts/bench_data.py --tokenized).
+    group = max(1, min(4096, round(65536 * n / tokenized.meta["tokens"])))
+
+    def tokens(g):
+      epoch, first = divmod(g * group, n)
+      ids = [*epoch_order(epoch)[first:first + group]]
+      if len(ids) < group:  # the group runs into the next epoch
+        ids += [*epoch_order(epoch + 1)[:group - len(ids)]]
+      records = source.__getitems__([int(i) for i in ids])
+      parts = []
+      for record in records:
+        parts += [start, np.frombuffer(record, np.uint32)] + ([end] if with_end else [])
+      return {"tokens": np.concatenate(parts).astype(np.int32)}
+
+    groups = grain.MapDataset.range(sys.maxsize // group).map(tokens).to_iter_dataset(
+        grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+    windows = gx.ConcatThenSplitIterDataset(groups, length_struct={"tokens": self.seq_len + 1})
     score_bos = bos == eos
     batches = windows.batch(self.batch_size).map(
         lambda b: _rows(b["tokens"][rows], bos, score_bos))
@@ -268,11 +290,14 @@ class Tokenized:
   directory: Path
   meta: dict
 
+  def source(self):
+    """The ArrayRecord shards as one random-access source of records (bytes)."""
+    return grain.sources.ArrayRecordDataSource([str(self.directory / s)
+                                                for s in self.meta["shards"]])
+
   def documents(self):
-    """A random-access source of documents (uint32 token ids)."""
-    paths = [str(self.directory / s) for s in self.meta["shards"]]
-    return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths)).map(
-        lambda record: np.frombuffer(record, np.uint32))
+    """The documents (uint32 token ids), random access."""
+    return grain.MapDataset.source(self.source()).map(lambda r: np.frombuffer(r, np.uint32))
 
 
 def tokenize(task, split):
@@ -310,7 +335,8 @@ def _write(task, split, corpus, directory):
           if writer:
             writer.close()
           shards.append(f"tokens-{len(shards):05d}.array_record")
-          writer, in_shard = ArrayRecordWriter(str(tmp / shards[-1]), "group_size:1"), 0
+          writer, in_shard = ArrayRecordWriter(str(tmp / shards[-1]),
+                                                 "group_size:1,uncompressed"), 0
         writer.write(np.asarray(ids, np.uint32).tobytes())
         docs, tokens, nbytes = docs + 1, tokens + len(ids), nbytes + len(text.encode())
         in_shard += len(ids)
