@@ -204,6 +204,57 @@ def test_property_chunked_any_chunk_size(batch, length, heads_groups, head_dim, 
   check_backend("chunked", case, seed, chunk_size=chunk)
 
 
+def test_small_decays_after_a_large_one_keep_their_precision():
+  """A = -16 with dt 100 then 0.003 (softplus'd) in one chunk of 128: the decays after
+  the first step are sums of -0.048 that a running sum near -1600 rounds (ulp 1.2e-4).
+  The difference of running sums was off by 2.2e-4 (y) and 8.1e-4 (final state); the
+  compensated segment sums are at float32 rounding, as the reference backend."""
+  rng = np.random.default_rng(3)
+  b, L, H, P, G, N = 1, 128, 2, 4, 1, 4
+  dt = np.full((b, L, H), 0.003)
+  dt[:, 0] = 100.0
+  x = dict(x=rng.normal(size=(b, L, H, P)), dt=np.log(np.expm1(dt)), A=np.array([-16.0, -16.0]),
+           B=rng.normal(size=(b, L, G, N)), C=rng.normal(size=(b, L, G, N)))
+  y_ref, hT_ref, _ = np_ssd(**x)
+  j = {k: jnp.asarray(v, jnp.float32) for k, v in x.items()}
+  for impl, kw in (("chunked", dict(chunk_size=128)), ("reference", {})):
+    y, hT = ssd(**j, impl=impl, return_final_state=True, **kw)
+    assert_close(y, y_ref, 1e-5, f"{impl} y")
+    assert_close(hT, hT_ref, 1e-5, f"{impl} final state")
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_dt_limit_clamps_the_discretized_dt(impl):
+  """dt_limit=(lo, hi) is the scan of clip(softplus(dt + dt_bias), lo, hi), as the
+  official kernels: the same as giving that dt without softplus, and no gradient
+  reaches a clamped dt. One step of decoding clamps alike."""
+  x = make_inputs(Case(2, 21, 4, 3, 2, 5, initial_state=True), np.random.default_rng(8))
+  j = {k: jnp.asarray(v, jnp.float32) for k, v in x.items() if v is not None}
+  lo, hi = 0.2, 0.5
+  kw = dict(impl=impl, return_final_state=True, **(dict(chunk_size=8) if impl == "chunked"
+                                                    else {}))
+  clamped = np.clip(np.logaddexp(0.0, x["dt"] + x["dt_bias"]), lo, hi)
+  assert 0.2 < np.mean((clamped == lo) | (clamped == hi)) < 0.8  # both sides clamp
+  y, hT = ssd(**j, dt_limit=(lo, hi), **kw)
+  plain = {**j, "dt": jnp.asarray(clamped, jnp.float32), "dt_bias": None}
+  y_ref, hT_ref, _ = np_ssd(**{**np_args(x), "dt": np.log(np.expm1(clamped)), "dt_bias": None})
+  assert_close(y, y_ref, F32_TOL, "y")
+  assert_close(hT, hT_ref, F32_TOL, "final state")
+  np.testing.assert_allclose(y, ssd(**plain, dt_softplus=False, **kw)[0], rtol=1e-5, atol=1e-5)
+  g = jax.grad(lambda dt: ssd(**{**j, "dt": dt}, dt_limit=(lo, hi), **kw)[0].sum())(j["dt"])
+  assert np.all(np.asarray(g)[(clamped == lo) | (clamped == hi)] == 0)
+  assert np.all(np.asarray(g)[(clamped > lo) & (clamped < hi)] != 0)
+  y1, h1 = ssd_state_update(j["initial_state"], j["x"][:, 0], j["dt"][:, 0], j["A"],
+                            j["B"][:, 0], j["C"][:, 0], j["D"], j["dt_bias"], dt_limit=(lo, hi))
+  y_first, h_first = ssd(**{k: v[:, :1] if k in ("x", "dt", "B", "C") else v
+                            for k, v in j.items()}, dt_limit=(lo, hi), **kw)
+  np.testing.assert_allclose(y1, y_first[:, 0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(h1, h_first, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r"dt_limit=\(0.5, 0.2\): expected a pair \(lo, hi\) "
+                                       r"with 0 <= lo <= hi"):
+    ssd(**j, dt_limit=(0.5, 0.2), **kw)
+
+
 def test_reset_equals_separate_documents():
   """A packed row with a reset equals its two documents scanned one by one; the state
   carried in (initial_state) reaches only the first."""
