@@ -131,9 +131,13 @@ def main(argv=None):
                       "or an ssm-train workdir")
   parser.add_argument("--list", action="store_true", help="list the presets")
   parser.add_argument("--seq-len", type=int, help="sequence length for LM FLOPs (default: "
-                      "the config's, else 2048)")
+                      "the config's, else 2048 or the model's learned positions if fewer)")
   parser.add_argument("--match", default="", help="families to match, e.g. transformer++,hybrid "
                       "(vision models: vit, vit+reg, vim, vim+reg)")
+  def error(message):  # one line, not argparse's usage and message
+    print(f"ssm-info: {message}; ssm-info --help says more", file=sys.stderr)
+    sys.exit(2)
+  parser.error = error
   args = parser.parse_args(argv)
   if args.list or args.name is None:
     print("\n".join(PRESETS))

@@ -72,7 +72,10 @@ def test_vision_matches(capsys):
 
 def run(capsys, *argv):
   """ssm-info's exit code and its stdout and stderr lines."""
-  code = main(list(argv))
+  try:
+    code = main(list(argv))
+  except SystemExit as e:  # argparse's errors
+    code = e.code
   out = capsys.readouterr()
   return code, out.out.splitlines(), out.err.splitlines()
 
@@ -80,6 +83,7 @@ def run(capsys, *argv):
 @pytest.mark.parametrize("argv,says", [
     (["mamba-130m", "--seq-len", "-5"], "--seq-len -5: give a length of at least 1 token"),
     (["mamba-130m", "--seq-len", "0"], "--seq-len 0: give a length of at least 1 token"),
+    (["mamba-130m", "--seq-len", "abc"], "argument --seq-len: invalid int value: 'abc'"),
     (["mamba-130m", "--match", "transformer"],
      "--match transformer: unknown family (did you mean transformer++?)"),
     (["vit-s16", "--match", "vim+regs"],
