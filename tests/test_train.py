@@ -329,6 +329,14 @@ def test_rerun_with_another_model_is_an_error_and_other_changes_a_warning(tmp_pa
                      r"e.g. opt_state/.*: saved \(\d+, 32\), the run has \(\d+, 48\)"):
     train(c, tmp_path)
   assert (tmp_path / "config.json").read_text() == kept
+  # a key the run's config.json lacks (added to ssm since): a warning, not another model
+  saved = json.loads(kept)
+  del saved["model"]["attention"]["rope"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="ssm.train"):
+    train(_in_process_config(steps=10, lr=1e-2), tmp_path)
+  assert "with changed model.attention.rope, train.steps" in caplog.text
   # a start that saved nothing (config.json and an empty checkpoints/) holds no run yet
   failed = tmp_path.parent / "failed"
   (failed / "checkpoints").mkdir(parents=True)
@@ -466,6 +474,21 @@ def test_sigterm_is_checked_every_log_every_steps_and_resume_is_exact(tmp_path, 
   train(config(), tmp_path / "run")
   for key in ("loss", "lr"):
     np.testing.assert_array_equal(_column(tmp_path / "run", key), _column(tmp_path / "ref", key))
+
+
+def test_a_signal_during_the_last_step_lets_the_run_finish(tmp_path, monkeypatch):
+  """Nothing is left to resume: the run ends as finished (train returns; exit 0)."""
+  from ssm.train import loop, train
+  advance = loop.MetricsWriter.advance
+
+  def advance_and_signal(self):
+    advance(self)
+    if self.bar.n == 4:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(loop.MetricsWriter, "advance", advance_and_signal)
+  final = train(_in_process_config(steps=4, log_every=2), tmp_path)
+  assert final["loss"] == losses(tmp_path)[0][-1] and losses(tmp_path)[1] == [2, 4]
 
 
 def test_a_longer_resumed_run_keeps_its_schedule_unless_asked(tmp_path, caplog):

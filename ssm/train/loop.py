@@ -193,8 +193,10 @@ class Trainer:
       return  # nothing saved yet (a first start, or one that failed): nothing to keep
     old, new = json.loads(old_path.read_text()), json.loads(self.config.to_json_best_effort())
     changed = [k for k in _differences(old, new) if k != "checkpoint.resume_changed"]
-    fatal = [k for k in changed if k.split(".")[0] in ("model", "task", "seed")
-             or k in {f"train.{o}" for o in OPTIMIZER_KEYS}]
+    # keys its config.json lacks were added to ssm since the run started: a warning
+    fatal = [k for k in changed if (k.split(".")[0] in ("model", "task", "seed")
+                                    or k in {f"train.{o}" for o in OPTIMIZER_KEYS})
+             and not _lacks(old, k)]
     if fatal and not self.config.checkpoint.resume_changed:
       raise ValueError(f"{self.workdir} holds a run of another model, task or optimizer: "
                        f"{', '.join(fatal)} differ from its config.json; give this run a new "
@@ -256,9 +258,9 @@ class Trainer:
             early.update(last_eval)
           writer.write(done, row)
           tick = time.perf_counter()  # step times leave out evaluation
-        # Every process looks for SIGTERM at the same steps; one all-gather per log_every.
-        stopping = done % t.log_every == 0 and stop.any()
+        # Every process looks for a signal at the same steps; one all-gather per log_every.
         finished = done == t.steps or early.reason
+        stopping = done % t.log_every == 0 and not finished and stop.any()  # else: done
         if done % cfg.checkpoint.every == 0 or finished or stopping:
           self._check_finite(state, done, checkpointer)
           position = {"next_batch": done, "pipeline": data.get_state(),
@@ -404,6 +406,15 @@ def _differences(old, new, prefix=""):
     elif a != b:
       out.append(f"{prefix}{k}")
   return out
+
+
+def _lacks(tree, dotted):
+  """Whether a nested dict has no value at a dotted key."""
+  for part in dotted.split("."):
+    if not isinstance(tree, dict) or part not in tree:
+      return True
+    tree = tree[part]
+  return False
 
 
 def check_model_fits_task(model_config, pipeline):
