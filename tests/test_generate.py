@@ -275,6 +275,31 @@ def test_ssm_generate_on_a_trained_byte_model(byte_run, tmp_path, capsys):
   assert "no prompt" in capsys.readouterr().err
 
 
+def test_ssm_generate_on_a_tokenized_text_run(tmp_path, capsys):
+  """A configs/text.py run reads and writes text through its BPE: the prompt starts a
+  document (BOS), the row stops at the document's end."""
+  from ssm.config import load_config_file
+  from ssm.data.tokenized import SHAKESPEARE_BPE
+  from ssm.data.tokenizer import load_tokenizer
+  from ssm.generate.main import load, main
+  from ssm.train import train
+  c = load_config_file("configs/text.py:mamba")
+  c.model.update(dict(d_model=16, n_layer=1))
+  c.task.update(dict(seq_len=32, cache_dir=str(tmp_path / "cache"), eval_seq_lens=()))
+  c.train.update(dict(batch_size=2, steps=2, warmup_steps=0, log_every=1, eval_every=0))
+  c.checkpoint.update(dict(every=2, async_save=False))
+  c.wandb.mode = "disabled"
+  train(c, tmp_path / "run")
+  capsys.readouterr()  # the run's own report
+  assert main(["--workdir", str(tmp_path / "run"), "--prompt", "ROMEO:", "--max-new-tokens",
+               "8", "--temperature", "0"]) == 0
+  line = capsys.readouterr().out.rstrip("\n")
+  tok = load_tokenizer(str(SHAKESPEARE_BPE))
+  model = load(tmp_path / "run").model
+  new = generate(model, [[0, *tok.encode("ROMEO:")]], 8, GREEDY, stop_tokens=[0]).rows()[0]
+  assert line == "ROMEO:" + tok.decode(new)
+
+
 def test_a_missing_hf_extra_is_one_line_with_advice(monkeypatch, capsys):
   """Without huggingface_hub (the [hf] extra), a hub name is one line, exit 2, saying
   to install the extra with a CPU build of torch first on a CPU-only machine; the same

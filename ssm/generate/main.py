@@ -6,8 +6,9 @@
   ssm-generate --workdir runs/bytes-tpp --draft-workdir runs/bytes-mamba --k 4 --prompt "KING:"
   ssm-generate --hf path/to/save_pretrained_dir --prompt-ids 1,2,3 --temperature 0
 
-Byte-level runs (configs/bytes.py) take text prompts and print text; they stop at
-BOS (a new document). Token models take --prompt-ids, or --prompt text where the
+Byte-level and tokenized-text runs (configs/bytes.py, configs/text.py) take text
+prompts and print text, through the run's tokenizer; they stop where the document
+ends (BOS or EOS). Token models take --prompt-ids, or --prompt text where the
 Hugging Face directory has a tokenizer (its tokenizer.json; transformers' AutoTokenizer
 where the [hf] extra is installed). --temperature 0 is greedy. With a --draft-* model,
 speculative decoding (the target's distribution exactly), and its acceptance rate on
@@ -22,27 +23,32 @@ import numpy as np
 
 from ssm.generate.sampling import Sampling
 
-BOS = 256  # ssm.data.text's
-
-
 class Loaded:
-  """A model and how its text is read and written: bytes, or a tokenizer's
-  (encode: text -> ids, decode: ids -> text)."""
+  """A model and how its text is read and written: the tokenizer of the run's task
+  (`run_tokenizer`, ssm.data.tokenizer: bytes or a text task's; a prompt starts a
+  document with BOS and generation stops where the document ends), a Hugging Face
+  model's (`tokenizer`: encode, decode), or none (token ids in and out)."""
 
-  def __init__(self, model, byte_level=False, tokenizer=None):
-    self.model, self.byte_level, self.tokenizer = model, byte_level, tokenizer
+  def __init__(self, model, run_tokenizer=None, tokenizer=None):
+    self.model, self.run_tokenizer, self.tokenizer = model, run_tokenizer, tokenizer
+
+  @property
+  def document_ends(self):
+    """The ids that end a document: BOS (a new one starts) and EOS."""
+    tok = self.run_tokenizer
+    return [] if tok is None else sorted({tok.bos_id, tok.eos_id} - {None})
 
   def encode(self, text):
-    if self.byte_level:
-      return [BOS] + list(text.encode("utf-8"))
+    if self.run_tokenizer is not None:
+      return [self.run_tokenizer.bos_id, *self.run_tokenizer.encode(text)]
     if self.tokenizer is None:
       raise ValueError("this model has no tokenizer here: give --prompt-ids (token ids, "
                        "comma-separated), or an --hf directory with its tokenizer files")
     return self.tokenizer[0](text)
 
   def decode(self, ids):
-    if self.byte_level:
-      return bytes(t for t in ids if t < BOS).decode("utf-8", errors="replace")
+    if self.run_tokenizer is not None:
+      return self.run_tokenizer.decode(ids)
     if self.tokenizer is not None:
       return self.tokenizer[1](ids)
     return " ".join(map(str, ids))
@@ -55,11 +61,14 @@ def load(workdir=None, hf=None, step=None, best=False):
     raise ValueError("give exactly one of --workdir (an ssm-train run) and --hf (a Hugging "
                      "Face model)")
   if workdir:
+    from ssm.data.tokenizer import load_tokenizer
     from ssm.train.checkpoint import load_model
     model, config, _ = load_model(workdir, step=step, best=best)
     check_model(model)
-    byte_level = config.task.get("name") == "bytes"
-    return Loaded(model, byte_level=byte_level)
+    task = config.task.get("name")
+    if task not in ("bytes", "text"):
+      return Loaded(model)
+    return Loaded(model, load_tokenizer(config.task.tokenizer if task == "text" else "bytes"))
   from ssm.convert import load_hf
   model = load_hf(hf)
   check_model(model)
@@ -104,8 +113,8 @@ def run(args):
   if not prompts:
     raise ValueError("no prompt: give --prompt TEXT or --prompt-ids 1,2,3 (repeat for a batch)")
   stops = list(args.stop_token)
-  if target.byte_level and not args.no_stop_at_bos:
-    stops.append(BOS)
+  if not args.no_stop_at_bos:
+    stops += target.document_ends
   sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                       min_p=args.min_p, repetition_penalty=args.repetition_penalty)
   if args.draft_workdir or args.draft_hf:
@@ -119,7 +128,7 @@ def run(args):
     out = generate(target.model, prompts, args.max_new_tokens, sampling=sampling,
                    stop_tokens=stops, seed=args.seed)
   for prompt, new in zip(prompts, out.rows()):
-    if target.byte_level:
+    if target.run_tokenizer is not None:
       print(target.decode(prompt) + target.decode(new))
     else:
       print(target.decode(new))
@@ -146,7 +155,7 @@ def parser():
   p.add_argument("--stop-token", type=int, action="append", default=[],
                  help="a token id that ends a row (repeat for several)")
   p.add_argument("--no-stop-at-bos", action="store_true",
-                 help="byte models: go on past BOS (a new document)")
+                 help="byte and text runs: go on past the end of the document (BOS/EOS)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--draft-workdir", help="speculative decoding: the draft's workdir")
   p.add_argument("--draft-hf", help="speculative decoding: the draft as a Hugging Face model")
