@@ -190,8 +190,8 @@ def _local_files(path):
   files = sorted(glob.glob(os.path.join(path, "*") if os.path.isdir(path) else path))
   files = [f for f in files if os.path.isfile(f)]
   if not files:
-    raise FileNotFoundError(f"task (text): no file at task.path={path!r} (looked for "
-                            f"{os.path.abspath(path)}); give a file, a glob or a directory")
+    raise ValueError(f"task (text): no file at task.path={path!r} (looked for "
+                     f"{os.path.abspath(path)}); give a file, a glob or a directory")
   return files
 
 
