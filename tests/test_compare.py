@@ -248,12 +248,13 @@ def test_killed_sweep_finishes_without_redoing_runs(tmp_path):
   assert_figures([tmp_path / "loss.png"])
 
 
-def test_a_failing_run_is_one_line_and_no_fork(tmp_path):
-  """A run whose config cannot run (found inside the run's own process, parallel=2):
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_a_failing_run_is_one_line_and_no_fork(parallel, tmp_path):
+  """A run whose config cannot run (found inside the run, in this process or its own):
   one line naming the run and what to change, exit 2, no traceback, no advice to
   rerun, and no os.fork() warning from starting the runs."""
-  proc = compare(tmp_path, "--config.overrides.train.log_every=0", "--config.parallel=2",
-                 wait=False)
+  proc = compare(tmp_path, "--config.overrides.train.log_every=0",
+                 f"--config.parallel={parallel}", wait=False)
   out, _ = proc.communicate(timeout=600)
   errors = [l for l in out.splitlines() if l.startswith("ssm-compare:")]
   assert proc.returncode == 2, out[-3000:]
