@@ -13,6 +13,7 @@ as Zoology does. At the end: results.csv, results.md and plots in the workdir.
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import statistics
@@ -28,8 +29,10 @@ from ml_collections import config_flags
 from ssm.fields import check_keys
 from ssm.flops import (ASPECT, ASPECT_BAND, MIN_HEAD, VISION_ASPECT, VISION_FAMILIES,
                        family_config, head_size, lm_flops, lm_params, match, match_vision,
+                       param_count,
                        vision_config, vision_flops, vision_params)
 from ssm.models import LMConfig, config_from_dict
+from ssm import scaling
 from ssm.report import best_rows, plot, write_tables
 from ssm.train import train
 from ssm.train.loop import NonFiniteLoss, Stopped
@@ -219,10 +222,22 @@ def run_config(cfg, run):
   c.train.lr = run.lr
   if run.seq_len:
     c.task.seq_len = run.seq_len
+  if cfg.get("tokens_per_param"):
+    _train_on_tokens(c, run.model, cfg.tokens_per_param)
   c.wandb.group, c.wandb.job_type, c.wandb.name = cfg.name, run.family, run.name
   c.wandb.mode = cfg.wandb_mode
   c.lock()
   return c
+
+
+def _train_on_tokens(c, model, tokens_per_param):
+  """Chinchilla's recipe: train.steps for tokens_per_param training tokens per
+  non-embedding parameter, evaluated and saved at the end, warmup at most a tenth."""
+  tokens = tokens_per_param * param_count(model, embeddings=False)
+  steps = max(1, math.ceil(tokens / (c.train.batch_size * c.task.seq_len)))
+  c.train.update(steps=steps, eval_every=steps, warmup_steps=min(c.train.warmup_steps,
+                                                                steps // 10))
+  c.checkpoint.every = steps
 
 
 def _update(config, overrides, where):
@@ -459,6 +474,12 @@ def compare(cfg, workdir):
   rows = best_rows(execute(cfg, workdir), cfg.select.metric, cfg.select.mode)
   table = write_tables(rows, workdir, cfg.get("paper", ""))
   figures = plot(rows, workdir)
+  if cfg.get("tokens_per_param") and cfg.select.metric == "eval_loss":  # across sizes
+    fit = scaling.summary(rows)
+    (workdir / "scaling.md").write_text(fit + "\n")
+    figures.append(scaling.plot(rows, workdir / "scaling.png",
+                                title=f"{cfg.name}: eval loss against training compute"))
+    table += "\n\n" + fit
   return workdir, table, figures
 
 

@@ -100,4 +100,4 @@ def plot(rows, path, title="", metric="eval_loss"):
   ax.legend(fontsize=8)
   if title:
     ax.set_title(title, fontsize=10)
-  _save(fig, path)
+  return _save(fig, path)

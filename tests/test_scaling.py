@@ -40,3 +40,37 @@ def test_summary_says_where_fitted_curves_cross_and_whether_it_was_measured(tmp_
   assert "hybrid" not in single  # one run is no fit
   scaling.plot(data, tmp_path / "scaling.png", title="test")
   assert (tmp_path / "scaling.png").stat().st_size > 10_000
+
+
+def test_the_scaling_comparison_trains_each_run_on_tokens_in_proportion_to_its_size():
+  from ssm.compare import plan, run_config
+  from ssm.config import load_config_file
+  from ssm.flops import lm_flops, param_count
+  cfg = load_config_file("configs/compare/scaling.py")
+  runs = plan(cfg)
+  assert len(runs) == 16 and {r.family for r in runs} == {"mamba", "mamba2", "transformer++",
+                                                         "hybrid"}
+  for run in runs:
+    c = run_config(cfg, run)
+    rows = c.train.batch_size * c.task.seq_len
+    tokens = 20 * param_count(run.model, embeddings=False)
+    assert c.train.steps == math.ceil(tokens / rows)
+    assert c.train.eval_every == c.checkpoint.every == c.train.steps
+    assert c.model.vocab_size == 1024  # the shipped tokenizer's
+    ref = next(r for r in runs if r.family == "mamba" and r.size == run.size).model
+    assert abs(lm_flops(run.model, 128)["total"] / lm_flops(ref, 128)["total"] - 1) <= 0.10
+
+
+def test_a_comparison_across_sizes_writes_its_fits(tmp_path, monkeypatch):
+  from ssm import compare
+  from ssm.config import load_config_file
+  flops = np.geomspace(1e12, 1e14, 3)
+  data = [dict(r, size=i, seed=0, lr=1e-3, d_model=8, n_layer=1, params=1, tokens=1,
+               train_flops_per_token=1, seq_len=128, eval_accuracy=0.5, steps=1,
+               tokens_per_sec=1.0, evals={})
+          for i, r in enumerate(rows("mamba", 9.0, 0.06, flops) + rows("transformer++", 7.0, 0.05, flops))]
+  monkeypatch.setattr(compare, "execute", lambda cfg, workdir: data)
+  cfg = load_config_file("configs/compare/scaling.py")
+  workdir, table, figures = compare.compare(cfg, tmp_path)
+  assert (tmp_path / "scaling.png") in figures and "cross at" in table
+  assert (tmp_path / "scaling.md").read_text().startswith("| family | runs |")
