@@ -107,21 +107,28 @@ class SSMLM(LM):
     return out
 
   def generate_until(self, requests, disable_tqdm=False):
-    out = []
-    for r in requests:
-      context, kwargs = r.args
+    """Requests with the same generation settings decode together, batch_size at a time
+    (ssm.generate takes ragged prompts)."""
+    out, groups = [None] * len(requests), {}
+    for i, r in enumerate(requests):
+      kwargs = r.args[1]
       until = kwargs.get("until") or []
-      until = [until] if isinstance(until, str) else list(until)
-      prompt = [self.tok.bos_id, *self.tok.encode(context)][-self.max_length:]
-      sampling = Sampling(temperature=float(kwargs.get("temperature", 0.0))
-                          if kwargs.get("do_sample") else 0.0)
-      stops = [t for t in (self.tok.eos_id, self.tok.bos_id) if t is not None]
-      ids = generate(self.model, [prompt], int(kwargs.get("max_gen_toks", 256)), sampling,
-                     stop_tokens=stops).rows()[0]
-      text = self.tok.decode([i for i in ids if i not in stops])
-      for stop in until:
-        text = text.split(stop)[0]
-      out.append(text)
+      until = (until,) if isinstance(until, str) else tuple(until)
+      temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
+      groups.setdefault((until, int(kwargs.get("max_gen_toks", 256)), temperature), []).append(i)
+    stops = [t for t in (self.tok.eos_id, self.tok.bos_id) if t is not None]
+    for (until, max_new, temperature), members in groups.items():
+      for start in range(0, len(members), self.batch_size):
+        chunk = members[start:start + self.batch_size]
+        prompts = [[self.tok.bos_id, *self.tok.encode(requests[i].args[0])][-self.max_length:]
+                   for i in chunk]
+        rows = generate(self.model, prompts, max_new, Sampling(temperature=temperature),
+                        stop_tokens=stops).rows()
+        for i, ids in zip(chunk, rows, strict=True):
+          text = self.tok.decode([t for t in ids if t not in stops])
+          for stop in until:
+            text = text.split(stop)[0]
+          out[i] = text
     return out
 
 

@@ -82,13 +82,20 @@ def test_rolling_loglikelihood_predicts_every_token_once(lm):
 
 
 def test_generate_until_is_greedy_decoding_cut_at_the_stop_strings(lm):
-  context = "KING RICHARD III:\nNow is the winter"
-  (got,) = lm.generate_until([Request(context, dict(until=["\n"], max_gen_toks=12))])
-  prompt = [lm.tok.bos_id, *lm.tok.encode(context)]
-  ids = generate(lm.model, [prompt], 12, Sampling(temperature=0.0),
-                 stop_tokens=[lm.tok.eos_id]).rows()[0]
-  want = lm.tok.decode([i for i in ids if i != lm.tok.eos_id]).split("\n")[0]
-  assert got == want
+  """Four requests (two settings, ragged prompts, more than a batch) equal each prompt
+  decoded greedily on its own, cut at its stop strings."""
+  contexts = ["KING RICHARD III:\nNow is the winter", "ROMEO:\nBut soft", "A", "HAMLET:\nTo be"]
+  settings = [dict(until=["\n"], max_gen_toks=12), dict(until=["e", "\n"], max_gen_toks=6)]
+  requests = [Request(c, settings[i % 2]) for i, c in enumerate(contexts)]
+  got = lm.generate_until(requests)
+  for r, text in zip(requests, got, strict=True):
+    prompt = [lm.tok.bos_id, *lm.tok.encode(r.args[0])]
+    ids = generate(lm.model, [prompt], r.args[1]["max_gen_toks"], Sampling(temperature=0.0),
+                   stop_tokens=[lm.tok.eos_id]).rows()[0]
+    want = lm.tok.decode([i for i in ids if i != lm.tok.eos_id])
+    for stop in r.args[1]["until"]:
+      want = want.split(stop)[0]
+    assert text == want
 
 
 def test_the_shipped_local_tasks_run_through_lm_eval(lm, monkeypatch):
