@@ -54,7 +54,8 @@ def get_config(setting="cpu"):
         path="", hf_dataset="HuggingFaceFW/fineweb-edu", hf_config="sample-10BT",
         eval_split="", tokenizer="EleutherAI/gpt-neox-20b", seq_len=2048,
         max_documents=20_000_000, eval_seq_lens=()))
-    c.overrides.model = mlc.ConfigDict(dict(dtype="bfloat16"))
+    # GPT-NeoX's 50,277 ids (padded to 50,280, as Mamba's checkpoints), known offline
+    c.overrides.model = mlc.ConfigDict(dict(dtype="bfloat16", vocab_size=50277))
     c.overrides.train.update(batch_size=256, warmup_steps=2000, log_every=100, eval_steps=64)
     c.overrides.checkpoint.every = 2000
   elif setting != "cpu":
