@@ -8,7 +8,7 @@ curves cross (ssm.scaling): scaling.png and scaling.md in the workdir.
   ssm-compare --config configs/compare/scaling.py --config.tokens_per_param=40
   ssm-compare --config configs/compare/scaling.py:paper     # a GPU pod
 
-CPU (the default): Tiny Shakespeare with its 1024-id BPE (configs/text.py), 128-token
+CPU (the default): Tiny Shakespeare with its 1024-id BPE (configs/text.py), 256-token
 rows of speeches, three layers, Mamba widths 32 to 80 (30k to 140k non-embedding
 parameters), the others within 10% of its FLOPs per token; the result and what it does and does not show: docs/results/compare-scaling/.
 The paper's setting: the Pile with the GPT-NeoX tokenizer, 2048-token rows,
@@ -36,9 +36,10 @@ def get_config(setting="cpu"):
   c.lrs = (4e-3,)
   c.select = mlc.ConfigDict(dict(metric="eval_loss", mode="min"))
   c.overrides = mlc.ConfigDict(dict(
-      task=dict(eval_seq_lens=()),
+      task=dict(seq_len=256, eval_seq_lens=()),
       model=dict(mamba2=dict(headdim=16, d_state=16)),  # Mamba-1's state size at this scale
-      train=dict(batch_size=16, warmup_steps=20, log_every=50, eval_steps=16),
+      # 16 x 256 tokens a step; 12 eval batches are the whole held-out tenth, once
+      train=dict(batch_size=16, warmup_steps=20, log_every=50, eval_steps=12),
       checkpoint=dict(every=1000)))
   c.paper = (
       "Mamba Figure 4 (the Pile, GPT-NeoX tokenizer, 2048 tokens): Mamba matches or beats "
