@@ -173,9 +173,8 @@ def test_ctrl_c_saves_and_a_second_ctrl_c_stops_at_once(tmp_path):
   proc.send_signal(signal.SIGINT)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 130 and "Traceback" not in out, out[-3000:]
-  assert out.splitlines()[-1] == ("ssm-train: stopped by Ctrl-C, without saving; rerunning "
-                                  "the same command resumes from the newest checkpoint, if "
-                                  "there is one")
+  assert out.splitlines()[-1] == ("Ctrl-C again: stopped at once, without saving; rerunning "
+                                  "the same command resumes from the newest checkpoint")
 
 
 def test_corrupt_latest_checkpoint_is_skipped_and_no_row_is_lost(single, tmp_path):

@@ -29,7 +29,8 @@ Exit status: 0 trained to train.steps (or stopped early by train.stop_when /
   train.patience, or already complete); 75 stopped by SIGTERM or Ctrl-C with a
   checkpoint saved: rerun to resume (schedulers can requeue on 75: EX_TEMPFAIL; see
   scripts/slurm_train.sh); 2 a config or workdir that cannot run (the message says
-  what to change); 3 the loss became NaN or inf; 130 a second Ctrl-C (nothing saved).
+  what to change); 3 the loss became NaN or inf; 130 a second Ctrl-C, or one before
+  training started (nothing saved).
 
 Any key of the config is an override, --config.SECTION.KEY=VALUE; the main ones:
   train.steps, train.batch_size, train.lr, train.schedule (cosine | constant),

@@ -2,6 +2,7 @@
 (`EarlyStop`, checked at evals), and SIGTERM or Ctrl-C (`SignalFlag`)."""
 
 import logging
+import os
 import signal
 import sys
 
@@ -62,7 +63,7 @@ class SignalFlag:
   """SIGTERM (a preemption) or SIGINT (Ctrl-C) sets a flag, `name` the signal's name;
   `any()` is true once any process has one (an all-gather across processes, so the
   loop calls it at the same steps everywhere), and the loop then saves and stops. A
-  second Ctrl-C stops at once, without saving (KeyboardInterrupt)."""
+  second Ctrl-C ends the process at once, without saving (exit status 130)."""
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -72,7 +73,11 @@ class SignalFlag:
 
   def _handle(self, signum, frame):
     if signum == signal.SIGINT and self.name:
-      raise KeyboardInterrupt
+      # at once: cleaning up could wait on (or deadlock with) the save just interrupted
+      sys.stdout.flush()
+      print("\nCtrl-C again: stopped at once, without saving; rerunning the same command "
+            "resumes from the newest checkpoint", file=sys.stderr, flush=True)
+      os._exit(130)
     self.name = self.name or ("Ctrl-C (SIGINT)" if signum == signal.SIGINT else
                               signal.Signals(signum).name)
     if signum == signal.SIGINT:
