@@ -94,8 +94,11 @@ def plot(rows, path, title="", metric="eval_loss"):
       ax.plot([], [], "o", color=color, label=family)
   ax.set_xscale("log")
   ax.set_yscale("log")
+  plain = plt.matplotlib.ticker.FormatStrFormatter("%.2f")  # losses span less than a decade
+  ax.yaxis.set_major_formatter(plain)
+  ax.yaxis.set_minor_formatter(plain)
   ax.set_xlabel("training FLOPs")
-  ax.set_ylabel(metric.replace("_", " "))
+  ax.set_ylabel(metric.replace("_", " ") + (" (nats per token)" if metric == "eval_loss" else ""))
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize=8)
   if title:
