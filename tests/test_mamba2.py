@@ -17,6 +17,7 @@ from ssm.layers import Mamba2, Mamba2Config, partitioning
 from ssm.layers.attention import AttentionConfig
 from ssm.models import LMConfig, get_preset
 from ssm.scan import ssd
+from ssm.scan.ssd import DEFAULT_CHUNK_SIZE
 
 
 def make(d_model=24, n_layer=3, seed=0, **kw):
@@ -39,11 +40,17 @@ def test_official_initialisation():
   np.testing.assert_array_equal(m.norm.weight[...], np.ones(E))
   dt = jax.nn.softplus(m.dt_bias[...])  # the inverse-softplus init gives dt back
   assert 1e-3 * (1 - 1e-4) <= dt.min() and dt.max() <= 0.1 * (1 + 1e-4)
-  bounds = {"in_proj": 1 / math.sqrt(d_model), "out_proj": 1 / math.sqrt(E * n_layer)}
-  for name, bound in bounds.items():
-    w = np.asarray(getattr(m, name).kernel[...])
+  bounds = {"kernel": 1 / math.sqrt(d_model), "kernel_bc": 1 / math.sqrt(d_model),
+            "kernel_dt": 1 / math.sqrt(d_model)}  # in_proj's parts: one nn.Linear's init
+  bounds = {**{("in_proj", k): b for k, b in bounds.items()},
+            ("out_proj", "kernel"): 1 / math.sqrt(E * n_layer)}
+  for (module, name), bound in bounds.items():
+    w = np.asarray(getattr(getattr(m, module), name)[...])
     assert np.abs(w).max() <= bound and np.abs(w).max() > 0.9 * bound, name
-  assert m.in_proj.bias is None and m.out_proj.bias is None
+  assert (m.in_proj.kernel.shape, m.in_proj.kernel_bc.shape, m.in_proj.kernel_dt.shape) == (
+      (d_model, 2, E), (d_model, 2, 1, N), (d_model, H))
+  assert all(b is None for b in (m.in_proj.bias, m.in_proj.bias_bc, m.in_proj.bias_dt,
+                                 m.out_proj.bias))
   assert m.conv_weight.shape == (K, E + 2 * N) and np.abs(m.conv_weight[...]).max() <= 0.5
   # every parameter has its role; A_log, D, dt_bias and the norm do not decay
   _, decays = partitioning.roles(nnx.state(m, nnx.Param))
@@ -56,7 +63,8 @@ def test_released_shapes():
   48 heads of 64 x 128 (the released tensors); the count is the closed form's."""
   config = get_preset("mamba2-780m")
   layer = nnx.eval_shape(lambda: Mamba2(config.d_model, config.mamba2, rngs=nnx.Rngs(0)))
-  assert layer.in_proj.kernel.shape == (1536, 6448)
+  assert (layer.in_proj.kernel.shape, layer.in_proj.kernel_bc.shape,  # 6448 outputs
+          layer.in_proj.kernel_dt.shape) == ((1536, 2, 3072), (1536, 2, 1, 128), (1536, 48))
   assert layer.conv_weight.shape == (4, 3328)
   assert (layer.nheads, config.mamba2.headdim, config.mamba2.d_state) == (48, 64, 128)
   assert (config.n_layer, config.padded_vocab_size, config.tie_embeddings) == (48, 50288, True)
@@ -70,6 +78,8 @@ def test_bad_sizes_say_what_to_change():
     Mamba2Config(headdim=16, ngroups=3).dims(32)
   with pytest.raises(ValueError, match=r"model.mamba2.chunk_size=0"):
     Mamba2Config(chunk_size=0)
+  with pytest.raises(ValueError, match=r"model.mamba2.dt_limit=\(0.1, 0.01\): expected a pair"):
+    Mamba2Config(dt_limit=(0.1, 0.01))
   with pytest.raises(ValueError, match=r"scan_impl='pallas': expected one of \('auto', "):
     Mamba2Config(scan_impl="pallas")
   LMConfig(d_model=40, n_layer=1, vocab_size=10, pattern="MA")  # no Mamba-2 layer: no check
@@ -86,8 +96,14 @@ def test_packed_row_equals_separate_documents():
   np.testing.assert_allclose(packed[:, 9:], call(m, x[:, 9:]), rtol=1e-5, atol=1e-5)
 
 
-def test_step_by_step_equals_full_pass():
-  m = make()
+def test_default_chunk_is_the_scans():
+  assert Mamba2Config().chunk_size == DEFAULT_CHUNK_SIZE == 256  # the official Mamba2's
+  assert Mamba2Config(dt_limit=[0, 1]).dt_limit == (0.0, 1.0)  # as config.json gives it
+
+
+@pytest.mark.parametrize("dt_limit", [(0.0, float("inf")), (0.02, 0.08)])
+def test_step_by_step_equals_full_pass(dt_limit):
+  m = make(dt_limit=dt_limit)
   x = jax.random.normal(jax.random.key(2), (2, 13, 24))
   full = call(m, x)
   step = nnx.jit(lambda m, x, c: m.step(x, c))
@@ -96,6 +112,8 @@ def test_step_by_step_equals_full_pass():
     y, cache = step(m, x[:, t], cache)
     outs.append(y)
   np.testing.assert_allclose(jnp.stack(outs, 1), full, rtol=2e-5, atol=2e-5)
+  if dt_limit[1] < float("inf"):  # the clamp changes the output (in both paths alike)
+    assert np.abs(full - call(make(), x)).max() > 1e-3
   # the cache from a prefill, a packed one included, continues where the steps are
   reset = jnp.zeros((2, 7), bool).at[1, 3].set(True)
   _, prefill = nnx.jit(lambda m, x, r: m(x, r, return_cache=True))(m, x[:, :7], reset)
@@ -209,7 +227,7 @@ def test_hf_unsupported_settings_are_named(hf_mamba2, tmp_path):
   import shutil
   from ssm.convert import load_hf
   _, path = hf_mamba2
-  for key, value, message in (("time_step_limit", [0.0, 1.0], "time_step_limit"),
+  for key, value, message in (("time_step_limit", [0.1, 0.0], "dt_limit=\\(0.1, 0.0\\)"),
                               ("num_heads", 5, "num_heads \\* head_dim = 50")):
     bad = tmp_path / key
     shutil.copytree(path, bad)
@@ -218,3 +236,28 @@ def test_hf_unsupported_settings_are_named(hf_mamba2, tmp_path):
     with pytest.raises(ValueError, match=message):
       load_hf(bad)
 
+
+
+def test_hf_time_step_limit_is_dt_limit(hf_mamba2, tmp_path):
+  """A checkpoint whose time_step_limit clamps dt imports with that dt_limit: the
+  logits of transformers' model, which clamps in its forward, and not the unclamped."""
+  import json
+  import shutil
+  torch, transformers = require("torch"), require("transformers")
+  from ssm.convert import load_hf
+  hf_model, path = hf_mamba2
+  clamped = tmp_path / "clamped"
+  shutil.copytree(path, clamped)
+  config = json.loads((clamped / "config.json").read_text())
+  (clamped / "config.json").write_text(json.dumps({**config, "time_step_limit": [0.05, 0.5]}))
+  ids = np.random.default_rng(1).integers(0, 101, size=(2, 19))
+  with torch.no_grad():
+    expected = transformers.Mamba2ForCausalLM.from_pretrained(clamped).eval()(
+        torch.tensor(ids)).logits.numpy()
+    unclamped = hf_model(torch.tensor(ids)).logits.numpy()
+  model = load_hf(clamped)
+  assert model.config.mamba2.dt_limit == (0.05, 0.5)
+  logits = np.asarray(nnx.jit(lambda m, ids: m(ids))(model, ids))
+  scale = np.abs(expected).max()
+  assert np.abs(logits - expected).max() / scale < 1e-4
+  assert np.abs(unclamped - expected).max() / scale > 1e-3  # the clamp matters here

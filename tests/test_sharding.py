@@ -20,8 +20,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from ssm.flops import abstract_model
-from ssm.layers import partitioning
-from ssm.models import PRESETS
+from ssm.layers import Mamba2Config, partitioning
+from ssm.models import PRESETS, LMConfig
 from ssm.train.sharding import make_mesh, param_shardings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,8 +67,24 @@ EXPECTED = {
     "register_tokens": P(None, None, None), "norm/weight": P(None), "norm/bias": P(None),
     "head/kernel": P("fsdp", None), "head/bias": P(None),
 }
-# where the mesh does not divide a dimension it stays whole: GPT-2's vocabulary is odd
-UNDIVIDED = {("gpt2-small", "embedding/embedding"): P(None, "fsdp")}
+# Mamba-2's own: heads, and groups with them, over tensor; its conv over (x, B, C) whole
+MAMBA2 = {
+    "layers/*/mixer/in_proj/kernel_bc": P("fsdp", None, "tensor", None),
+    "layers/*/mixer/in_proj/kernel_dt": P("fsdp", "tensor"),
+    "layers/*/mixer/in_proj/bias": P(None, "tensor"),
+    "layers/*/mixer/in_proj/bias_bc": P(None, "tensor", None),
+    "layers/*/mixer/in_proj/bias_dt": P("tensor"),
+    "layers/*/mixer/conv_weight": P(None, None), "layers/*/mixer/conv_bias": P(None),
+    "layers/*/mixer/dt_bias": P("tensor"), "layers/*/mixer/A_log": P("tensor"),
+    "layers/*/mixer/norm/weight": P("tensor"), "layers/*/mixer/out_proj/bias": P(None),
+}
+# where the mesh does not divide a dimension it stays whole: GPT-2's vocabulary is odd,
+# the released Mamba-2s have one group
+UNDIVIDED = {("gpt2-small", "embedding/embedding"): P(None, "fsdp"),
+             ("mamba2-130m", "layers/*/mixer/in_proj/kernel_bc"): P("fsdp", None, None, None)}
+# a Mamba-2 of several groups (2 over tensor=2), biases everywhere
+MAMBA2_GROUPS = LMConfig(d_model=32, n_layer=2, vocab_size=64, pattern="S",
+                         mamba2=Mamba2Config(d_state=8, headdim=16, ngroups=2, bias=True))
 
 
 def path_str(path):
@@ -78,15 +94,19 @@ def path_str(path):
 def test_every_parameter_kind_has_its_exact_spec_on_a_2x2x2_mesh():
   mesh = jax.sharding.AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"))
   seen = set()
-  for name in ["mamba-130m", "transformer++-130m", "gpt2-small", "vit-s16-reg4", "vim-tiny"]:
-    shardings = param_shardings(nnx.state(abstract_model(PRESETS[name])), mesh)
+  models = {name: PRESETS[name] for name in ["mamba-130m", "transformer++-130m", "gpt2-small",
+                                             "vit-s16-reg4", "vim-tiny", "mamba2-130m"]}
+  for name, config in {**models, "mamba2-groups": MAMBA2_GROUPS}.items():
+    shardings = param_shardings(nnx.state(abstract_model(config)), mesh)
+    expected = {**EXPECTED, **MAMBA2} if name.startswith("mamba2") else EXPECTED
     for path, sharding in jax.tree_util.tree_flatten_with_path(shardings)[0]:
       kind = re.sub(r"(^|/)\d+/", r"\1*/", path_str(path))
-      assert kind in EXPECTED, f"{name}: {kind} has no expected spec in this test"
-      want = UNDIVIDED.get((name, kind), EXPECTED[kind])
-      assert sharding.spec == want, (name, kind)
-      seen.add(kind)
-  assert seen == set(EXPECTED)
+      assert kind in expected, f"{name}: {kind} has no expected spec in this test"
+      want = UNDIVIDED.get((name, kind), expected[kind])
+      assert sharding.spec == want, (name, kind, sharding.spec)
+      seen.add((name.startswith("mamba2"), kind))
+  assert {k for _, k in seen} == set(EXPECTED) | set(MAMBA2)
+  assert {k for m2, k in seen if m2} >= set(MAMBA2)
 
 
 def test_a_dimension_the_mesh_does_not_divide_stays_whole():
@@ -125,8 +145,9 @@ def test_mesh_sizes():
 
 def test_on_eight_devices_a_sharded_mamba_moves_no_activations():
   """One subprocess with 8 fake devices (data=fsdp=tensor=2), three checks:
-  - a Mamba layer's compiled forward+backward, for each scan backend, moves no
-    (batch, length, ...) tensor between devices and equals one device's;
+  - a Mamba layer's compiled forward+backward, for each scan backend, and a Mamba-2
+    layer's, with 2 groups (one per tensor shard), 3 (the shards split a group) and
+    1, moves no (batch, length, ...) tensor between devices and equals one device's;
   - the whole train step of a Mamba LM (grad accumulation, embedding, tied head, loss)
     moves nothing inside the Mamba layers (their ops are named "mamba"): what moves at
     all are the loss's per-shard maxima over the vocabulary, (B, L, tensor=2); and XLA
@@ -140,6 +161,7 @@ def test_on_eight_devices_a_sharded_mamba_moves_no_activations():
                        timeout=900, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-3000:]
   checks = json.loads(out.stdout.strip().splitlines()[-1])
+  assert {f"mamba2 G={G} chunked" for G in (1, 2, 3)} <= set(checks["layer"])
   for impl, check in checks["layer"].items():
     assert check["moved"] == [], (impl, check["moved"])
     assert check["error"] < 1e-5, impl  # output and gradients, relative to one device's
@@ -163,7 +185,7 @@ def moved(hlo, length):
 
 def _eight_device_checks():
 
-  from ssm.layers import Mamba, MambaConfig
+  from ssm.layers import Mamba, Mamba2, Mamba2Config, MambaConfig
   from ssm.train import sharding
   from ssm.config import load_config_file
   from ssm.train.loop import Trainer
@@ -171,10 +193,21 @@ def _eight_device_checks():
 
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   batch_sharding = sharding.batch_sharding(mesh)
-  x = jax.random.normal(jax.random.key(1), (8, L, 32))
   out = {"layer": {}}
-  for impl in ["reference", "chunked", "pallas"]:
-    layer = Mamba(32, MambaConfig(d_state=8, scan_impl=impl), rngs=nnx.Rngs(0))
+  # Mamba-2: 4 heads in 2 groups (a group per tensor shard), 6 heads in 3 groups (the
+  # shards split a group), 4 heads in 1 group
+  mamba2 = lambda d, G, impl: Mamba2(d, Mamba2Config(d_state=8, headdim=16, ngroups=G,
+                                                     chunk_size=16, scan_impl=impl),
+                                     rngs=nnx.Rngs(0))
+  layers = {**{impl: lambda impl=impl: Mamba(32, MambaConfig(d_state=8, scan_impl=impl),
+                                              rngs=nnx.Rngs(0))
+               for impl in ["reference", "chunked", "pallas"]},
+            "mamba2 G=2 chunked": lambda: mamba2(32, 2, "chunked"),
+            "mamba2 G=3 chunked": lambda: mamba2(48, 3, "chunked"),
+            "mamba2 G=1 chunked": lambda: mamba2(32, 1, "chunked")}
+  for impl, make in layers.items():
+    layer = make()
+    x = jax.random.normal(jax.random.key(1), (8, L, layer.out_proj.out_features))
     graphdef, params = nnx.split(layer)
     params = nnx.to_pure_dict(params)
 

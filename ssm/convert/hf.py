@@ -18,6 +18,7 @@ from safetensors.flax import load_file
 
 from ssm.layers import Mamba2Config, MambaConfig
 from ssm.layers.attention import AttentionConfig
+from ssm.layers.mamba2 import in_proj_parts
 from ssm.models.lm import LanguageModel, LMConfig
 from ssm.models.vit import ViT, ViTConfig
 
@@ -167,10 +168,7 @@ def _mamba2_config(hf, weights, *, dtype, scan_impl):
     raise ValueError(f"hidden_act {hf['hidden_act']!r}: Mamba-2 uses silu")
   # transformers 5 writes inf into config.json as {"__float__": "Infinity"}
   as_float = lambda t: float(t["__float__"] if isinstance(t, dict) else t)
-  limit = [as_float(t) for t in hf.get("time_step_limit", (0.0, float("inf")))]
-  if limit != [0.0, float("inf")]:
-    raise ValueError(f"time_step_limit {limit}: only the default (0, inf), no clamp of dt, "
-                     "is supported")
+  limit = tuple(as_float(t) for t in hf.get("time_step_limit", (0.0, float("inf"))))
   if hf.get("rms_norm", True) is False:
     raise ValueError("rms_norm=False (no gated norm before out_proj) is not supported")
   d_model, expand = hf["hidden_size"], hf.get("expand", 2)
@@ -183,7 +181,7 @@ def _mamba2_config(hf, weights, *, dtype, scan_impl):
       d_state=hf.get("state_size", 128), d_conv=hf.get("conv_kernel", 4), expand=expand,
       headdim=headdim, ngroups=hf.get("n_groups", 1), conv_bias=hf.get("use_conv_bias", True),
       bias=hf.get("use_bias", False), norm_eps=eps, chunk_size=hf.get("chunk_size", 256),
-      scan_impl=scan_impl)
+      dt_limit=limit, scan_impl=scan_impl)
   # The checkpoint's vocabulary is taken as it is: no further padding.
   return LanguageModel, LMConfig(
       d_model=d_model, n_layer=hf["num_hidden_layers"], vocab_size=hf["vocab_size"],
@@ -204,9 +202,14 @@ def _mamba2_names(param_path, hf, weights):
   rest = tuple(rest)
   if rest == ("norm", "weight"):
     return f"{prefix}.norm.weight", _SAME
+  # in_proj's (z, x, B, C, dt) rows -> our three parts (ssm.layers.mamba2.in_proj_parts)
+  part = lambda i: lambda w: in_proj_parts(w, hf["num_heads"] * hf["head_dim"],
+                                           hf.get("n_groups", 1), hf.get("state_size", 128))[i]
   mixer = {
-      ("in_proj", "kernel"): ("in_proj.weight", _T),  # (z, x, B, C, dt) rows, as ours
-      ("in_proj", "bias"): ("in_proj.bias", _SAME),
+      **{("in_proj", "kernel" + s): ("in_proj.weight", lambda w, f=part(i): f(w.T))
+         for i, s in enumerate(("", "_bc", "_dt"))},
+      **{("in_proj", "bias" + s): ("in_proj.bias", part(i))
+         for i, s in enumerate(("", "_bc", "_dt"))},
       ("conv_weight",): ("conv1d.weight", lambda w: w[:, 0, :].T),  # (X, 1, K) -> (K, X)
       ("conv_bias",): ("conv1d.bias", _SAME),
       ("dt_bias",): ("dt_bias", _SAME),

@@ -24,7 +24,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")
 # logical axis -> mesh axes; a logical axis not named here is never sharded
 LOGICAL_AXES = {"batch": BATCH, "embed": "fsdp", "vocab": "tensor", "inner": "tensor",
-                "heads": "tensor", "mlp": "tensor"}
+                "heads": "tensor", "groups": "tensor", "mlp": "tensor"}
 
 
 def spec(logical, shape, mesh):
@@ -32,11 +32,24 @@ def spec(logical, shape, mesh):
   axes: each over its mesh axes where they divide it, whole where they do not."""
   out = []
   for name, size in zip(logical, shape):
-    axes = LOGICAL_AXES.get(name)
-    n = math.prod(mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,))
-                  if a) if axes else 1
-    out.append(axes if n > 1 and size % n == 0 else None)
+    n = _shards(name, mesh)
+    out.append(LOGICAL_AXES[name] if n > 1 and size % n == 0 else None)
   return P(*out)
+
+
+def _shards(name, mesh):
+  """How many shards the mesh axes of logical axis `name` make (1 if none)."""
+  axes = LOGICAL_AXES.get(name)
+  if not axes:
+    return 1
+  return math.prod(mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
+
+
+def mesh_size(name):
+  """How many shards logical axis `name` is split into where the mesh in context
+  divides it: 1 off a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty else _shards(name, mesh)
 
 
 def shard_map(fn, args, in_axes, out_axes):
