@@ -229,28 +229,45 @@ def test_hugging_face_datasets_are_streamed_with_a_holdout(tmp_path, monkeypatch
 
 
 # --- through the loop ---------------------------------------------------------------------
-def test_a_text_run_takes_its_vocabulary_from_the_tokenizer_and_resumes_exactly(tmp_path, bpe):
+def test_a_text_run_takes_its_vocabulary_from_the_tokenizer_and_resumes_exactly(tmp_path, bpe,
+                                                                                 monkeypatch):
+  """SIGTERM during step 2 stops the run at step 3 with a checkpoint (the pipeline's
+  position in it); the rerun's losses are an unbroken run's, bit for bit."""
+  import os
+  import signal
+
   from ssm.config import load_config_file
+  from ssm.train import loop
   from ssm.train.loop import train
 
-  def config(steps):
+  def config():
     c = load_config_file(f"{ROOT / 'configs' / 'text.py'}:mamba")
     c.wandb.mode = "disabled"
     c.task.update(tokenizer=bpe, seq_len=16, cache_dir=str(tmp_path / "cache"), eval_seq_lens=())
     c.model.update(d_model=16, n_layer=2, pattern="MA")
-    c.train.update(steps=steps, batch_size=4, log_every=1, eval_every=0, warmup_steps=2,
-                   schedule_steps=6)  # the stopped run on the same schedule
-    c.checkpoint.every = 3
+    c.train.update(steps=6, batch_size=4, log_every=3, eval_every=0, warmup_steps=2)
+    c.checkpoint.every = 100
     return c
 
-  train(config(6), tmp_path / "straight")
-  train(config(3), tmp_path / "resumed")
-  train(config(6), tmp_path / "resumed")
+  train(config(), tmp_path / "straight")
+  advance = loop.MetricsWriter.advance
+
+  def advance_and_signal(self):
+    advance(self)
+    if self.bar.n == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(loop.MetricsWriter, "advance", advance_and_signal)
+  with pytest.raises(loop.Stopped, match="at step 3 of 6"):
+    train(config(), tmp_path / "resumed")
+  monkeypatch.undo()
+  train(config(), tmp_path / "resumed")
   rows = lambda w: [json.loads(l) for l in (tmp_path / w / "metrics.jsonl").read_text().splitlines()]
-  assert [r["loss"] for r in rows("straight")] == [r["loss"] for r in rows("resumed")][-6:]
+  assert [r["step"] for r in rows("resumed")] == [3, 6]
+  assert [r["loss"] for r in rows("straight")] == [r["loss"] for r in rows("resumed")]
   saved = json.loads((tmp_path / "straight" / "config.json").read_text())
   assert saved["model"]["vocab_size"] == 300  # the tokenizer's; padded to 304 in the model
-  c = config(1)
+  c = config()
   c.model.vocab_size = 200
   with pytest.raises(ValueError, match="model.vocab_size 200 is smaller than the task's "
                                        "vocabulary \\(300\\)"):
