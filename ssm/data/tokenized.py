@@ -141,13 +141,14 @@ class TokenizedText(Pipeline):
     def epoch_order(epoch):  # a new order each epoch (one uint32 per document)
       rng = np.random.default_rng([self.seed, epoch])
       return rng.permutation(n).astype(np.uint32) if shuffle else np.arange(n, dtype=np.uint32)
+
     bos, eos = self.tok.bos_id, self.tok.eos_id
     with_end = eos is not None and eos != bos
     start, end = np.asarray([bos], np.uint32), np.asarray([eos if with_end else 0], np.uint32)
     # Documents reach the packer in groups of ~64k tokens, each group one batched read:
     # packing and reading cost per call, and short documents one at a time would starve
     # a GPU (scripts/bench_data.py --tokenized).
-    group = max(1, min(4096, round(65536 * n / tokenized.meta["tokens"])))
+    group = max(1, min(4096, n, round(65536 * n / tokenized.meta["tokens"])))
 
     def tokens(g):
       epoch, first = divmod(g * group, n)
