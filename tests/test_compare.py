@@ -132,8 +132,8 @@ def test_overrides_take_any_key_of_the_run_config(monkeypatch):
   assert c.train.steps == 640  # the file's own overrides kept
   unset = base_config(load_config_file(CONFIG))  # not overridden: configs/mqar.py's own
   assert unset.train.warmup_steps == load_config_file(cfg.base).train.warmup_steps == 50
-  cfg = parse("configs/compare/images.py", "--config.overrides.task.path=/data/fmnist")
-  assert run_config(cfg, plan(cfg)[0]).task.path == "/data/fmnist"
+  cfg = parse("configs/compare/images.py", "--config.overrides.task.path=data/fmnist")
+  assert run_config(cfg, plan(cfg)[0]).task.path == "data/fmnist"
   cfg = parse("configs/compare/mqar.py", "--config.lrs.mamba=(1e-2,)")
   assert learning_rates(cfg, "mamba") == (1e-2,) and learning_rates(cfg, "hybrid") == (1e-3, 3e-3)
   with pytest.raises(ValueError, match="'warmup_step': did you mean 'warmup_steps'"):

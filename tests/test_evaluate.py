@@ -121,3 +121,31 @@ def test_an_imported_hugging_face_model_is_evaluated_on_a_text_task(tmp_path):
   ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 1024),
                                          torch.as_tensor(batch["labels"].reshape(-1)).long())
   assert math.isclose(got["loss"], float(ce), rel_tol=1e-4)
+
+
+def test_a_generated_task_is_evaluated_at_a_new_length(tmp_path):
+  """Induction heads trained at 64, evaluated at 256 without training (ssm-eval's
+  --seq-len): the accuracy is the model's own on those batches."""
+  from ssm.evaluate import main
+  from ssm.train.checkpoint import load_model
+  from ssm.train.loop import train
+  c = load_config_file(f"{ROOT / 'configs' / 'induction_heads.py'}:mamba")
+  c.wandb.mode = "disabled"
+  c.model.update(d_model=16, n_layer=2)
+  c.train.update(steps=2, batch_size=4, log_every=1, eval_every=0, warmup_steps=0)
+  c.checkpoint.every = 2
+  train(c, tmp_path / "run")
+  main([str(tmp_path / "run"), "--seq-len", "256", "--batches", "2", "--batch-size", "4"])
+  got = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())["results"]["256"]
+  model, config, _ = load_model(tmp_path / "run")
+  task = dict(config.task.to_dict(), seq_len=256)
+  data = iter(make_pipeline(task, 4, 0).batches("eval", slice(0, 4)))
+  correct = count = 0
+  for _ in range(2):
+    batch = next(data)
+    logits = np.asarray(model(jnp.asarray(batch["inputs"])))
+    mask = batch["loss_mask"]
+    correct += ((logits.argmax(-1) == batch["labels"]) * mask).sum()
+    count += mask.sum()
+  assert got["tokens"] == count and math.isclose(got["accuracy"], correct / count, abs_tol=1e-9)
+  assert "bits_per_byte" not in got
