@@ -39,9 +39,9 @@ CONFIGS = ["mqar.py:mamba", "selective_copy.py:mamba", "induction_heads.py:mamba
            "images.py:mamba_seq"]
 
 
-def pipeline_rate(trainer, batches):
-  data = trainer.pipeline.batches("train", trainer.process_rows())
-  it = iter(data)
+def pipeline_rate(pipeline, rows, batches):
+  """Training batches/s of a pipeline making `rows` of each batch, after 3 warm-up ones."""
+  it = iter(pipeline.batches("train", rows))
   for _ in range(3):
     next(it)
   t0 = time.perf_counter()
@@ -83,13 +83,8 @@ def tokenized_rows(batches, rows=32, seq_len=2048):
       t0 = time.perf_counter()
       task.split("train")
       mb_s = task.split("train").meta["bytes"] / (time.perf_counter() - t0) / 1e6
-      it = iter(task.batches("train", slice(0, rows)))
-      for _ in range(3):
-        next(it)
-      t0 = time.perf_counter()
-      for _ in range(batches):
-        next(it)
-      out.append((name, len(docs), mb_s, batches * rows * seq_len / (time.perf_counter() - t0)))
+      rate = pipeline_rate(task, slice(0, rows), batches) * rows * seq_len
+      out.append((name, len(docs), mb_s, rate))
       print(f"{name}: tokenized at {mb_s:.2f} MB/s, packed {out[-1][-1]:,.0f} tokens/s",
             flush=True)
   return out
@@ -135,7 +130,7 @@ def main(argv=None):
     c.wandb.mode = "disabled"
     trainer = Trainer(c, tempfile.mkdtemp())
     B = c.train.batch_size
-    data, steps = pipeline_rate(trainer, args.batches), step_rate(trainer, args.reps)
+    data, steps = pipeline_rate(trainer.pipeline, trainer.process_rows(), args.batches), step_rate(trainer, args.reps)
     rows.append((spec, B, data * B, steps, data / steps))
     print(f"{spec}: {data * B:.0f} examples/s, {steps:.2f} steps/s, headroom {data / steps:.1f}",
           flush=True)

@@ -183,7 +183,7 @@ def test_an_empty_corpus_is_an_error_that_leaves_nothing_behind(tmp_path):
   with pytest.raises(ValueError, match="split of empty is empty"):
     text_task(tmp_path, path=str(tmp_path / "empty.txt")).split("train")
   assert not any((tmp_path / "cache").iterdir())  # no half-written cache
-  with pytest.raises(ValueError, match="no file at task.path"):
+  with pytest.raises(ValueError, match="no text file at task.path"):
     text_task(tmp_path, path=str(tmp_path / "nothing")).split("train")
   with pytest.raises(ValueError, match="exactly one of"):
     text_task(tmp_path, path="", hf_dataset="")

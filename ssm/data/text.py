@@ -114,13 +114,19 @@ def _only_text_key(source):
   return keys[0]
 
 
-def _local_documents(path, split, eval_fraction, separator):
+def local_files(path, task="bytes"):
+  """The files task.path names (a file, a glob or a directory), sorted."""
   files = sorted(glob.glob(os.path.join(path, "*") if os.path.isdir(path) else path))
   files = [f for f in files if os.path.isfile(f)]
   if not files:
     raise ValueError(
-        f"task (bytes): no text file at task.path={path!r} (looked for "
+        f"task ({task}): no text file at task.path={path!r} (looked for "
         f"{os.path.abspath(path)}); give a file, a glob or a directory of text files")
+  return files
+
+
+def _local_documents(path, split, eval_fraction, separator):
+  files = local_files(path)
   docs = []
   for f in files:
     data = open(f, "rb").read()  # noqa: SIM115

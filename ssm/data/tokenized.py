@@ -30,7 +30,6 @@ whole split, an estimate on a sample of it), comparable across tokenizers.
 
 import dataclasses
 import functools
-import glob
 import hashlib
 import json
 import logging
@@ -46,7 +45,7 @@ from grain import experimental as gx
 from tqdm import tqdm
 
 from ssm.data.base import Pipeline
-from ssm.data.text import SHAKESPEARE, TEXT_KEYS, _only_text_key
+from ssm.data.text import SHAKESPEARE, TEXT_KEYS, _only_text_key, local_files
 from ssm.data.tokenizer import load_tokenizer
 
 log = logging.getLogger("ssm.data")
@@ -187,15 +186,6 @@ def _holdout(index, split, fraction):
   return (index % k == k - 1) == (split == "eval")
 
 
-def _local_files(path):
-  files = sorted(glob.glob(os.path.join(path, "*") if os.path.isdir(path) else path))
-  files = [f for f in files if os.path.isfile(f)]
-  if not files:
-    raise ValueError(f"task (text): no file at task.path={path!r} (looked for "
-                     f"{os.path.abspath(path)}); give a file, a glob or a directory")
-  return files
-
-
 def _jsonl_texts(file, key):
   with open(file, encoding="utf-8") as f:
     for n, line in enumerate(f, 1):
@@ -210,7 +200,7 @@ def _jsonl_texts(file, key):
 
 def _local_texts(task, split):
   index = 0
-  for file in _local_files(task.path):
+  for file in local_files(task.path, "text"):
     if file.endswith(".jsonl"):
       for text in _jsonl_texts(file, task.text_key or "text"):
         if _holdout(index, split, task.eval_fraction):
@@ -270,7 +260,7 @@ def _corpus_id(task, split):
                 text_key=task.text_key, format=FORMAT)
   if task.path:
     files = [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns)
-             for f in _local_files(task.path)]
+             for f in local_files(task.path, "text")]
     return dict(common, files=files, doc_separator=task.doc_separator)
   if task.dataset:
     return dict(common, tfds=task.dataset, data_dir=task.data_dir,
