@@ -3,9 +3,15 @@
 `load_hf` takes a directory written by `save_pretrained` (config.json and
 *.safetensors) or, on a connected machine, a hub name such as
 "state-spaces/mamba-130m-hf". Weights are read with safetensors (no torch).
+
+Each family is a `Converter`: its config function (HF config -> our model class and
+config) and its table, data that maps each of our parameters to the checkpoint tensor
+it comes from and the named transform (transpose, reshape, split) between them. A new
+family is a config function, a table and an entry in CONVERTERS.
 """
 
 import fnmatch
+import functools
 import json
 import re
 from pathlib import Path
@@ -51,17 +57,17 @@ def load_hf(path_or_name, *, dtype="float32", scan_impl="auto", revision=None):
   model_cls, config = converter.config(hf_config, weights, dtype=dtype, scan_impl=scan_impl)
   model = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
   params = {p: var for p, var in nnx.iter_graph(model) if isinstance(var, nnx.Param)}
-  names = {p: converter.names(p, hf_config, weights) for p in params}
+  names = {p: _lookup(converter.table, p, model_type) for p in params}
   used = set()
   for param_path, var in params.items():
     name, transform = names[param_path]
     if name not in weights:
       raise KeyError(f"{path}: checkpoint has no tensor {name!r} (needed for "
                      f"{'/'.join(map(str, param_path))})")
-    value = transform(np.asarray(weights[name], np.float32))
+    value = transform(np.asarray(weights[name], np.float32), hf_config)
     if value.shape != var.shape:
-      raise ValueError(f"{path}: {name} has shape {value.shape} after conversion, "
-                       f"the model expects {var.shape}")
+      raise ValueError(f"{path}: {name} has shape {value.shape} after conversion "
+                       f"({transform.__name__}), the model expects {var.shape}")
     var.set_value(jnp.asarray(value, var.dtype))
     used.add(name)
   ignored = {n for n in weights if any(fnmatch.fnmatch(n, pat) for pat in converter.ignore)}
@@ -106,6 +112,97 @@ def _read_weights(path):
   return weights
 
 
+# --- Tables -----------------------------------------------------------------
+#
+# A family's table: {our parameter path: checkpoint tensor name, or (name, transform)}.
+# Our path is the nnx path joined by "." with the layer index written {i}, as it is in
+# the name ("layers.{i}.mixer.D": "backbone.layers.{i}.mixer.D"); a row for a
+# parameter the model lacks (an optional bias) is never read. A transform takes the
+# tensor (float32 NumPy) and the HF config and returns our parameter; a plain name
+# means the tensor as it is.
+
+
+class Converter(NamedTuple):
+  config: Callable  # (hf config, weights, dtype=, scan_impl=) -> (model class, ssm config)
+  table: dict  # our parameter path -> checkpoint name, or (name, transform)
+  ignore: tuple = ()  # fnmatch patterns of checkpoint tensors the model does not use
+  # (regex, replacement) on the checkpoint's names before the table is read: older
+  # transformers names -> current ones, prefixes the table does not write
+  rename: tuple = ()
+
+
+def _lookup(table, param_path, model_type):
+  """Our parameter path -> (checkpoint tensor name, transform)."""
+  layer = [p for p in param_path if isinstance(p, int)]
+  key = ".".join("{i}" if isinstance(p, int) else str(p) for p in param_path)
+  if key not in table:
+    raise KeyError(f"model_type {model_type!r}: the table in ssm/convert/hf.py has no row "
+                   f"for our parameter {key}")
+  row = table[key]
+  name, transform = (row, same) if isinstance(row, str) else row
+  return name.format(i=layer[0] if layer else None), transform
+
+
+def _under(ours, theirs, rows):
+  """A submodule's rows placed in the model: both sides prefixed."""
+  return {ours + k: theirs + v if isinstance(v, str) else (theirs + v[0], v[1])
+          for k, v in rows.items()}
+
+
+def _named(name, transform):
+  transform.__name__ = transform.__qualname__ = name
+  return transform
+
+
+# --- Transforms: (checkpoint tensor, HF config) -> our parameter -------------------
+
+def same(w, hf):
+  return w
+
+
+def transpose(w, hf):
+  """torch's Linear weight (out, in) -> our kernel (in, out)."""
+  return w.T
+
+
+def conv_taps(w, hf):
+  """A depthwise Conv1d weight (C, 1, K) -> our (K, C)."""
+  return w[:, 0, :].T
+
+
+def halves(w, hf):
+  """The last axis (2E) as (2, E): Mamba's in_proj outputs x then z."""
+  return w.reshape(*w.shape[:-1], 2, -1)
+
+
+def first(w, hf):
+  """A leading axis of one dropped: (1, T, D) -> (T, D)."""
+  return w[0]
+
+
+def patch_kernel(w, hf):
+  """Conv2d (D, C, p, p) -> our patch kernel (p * p * C, D)."""
+  return w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0])
+
+
+def third(i):
+  """Part i of the last axis cut in three: GPT-2's c_attn holds q, k and v."""
+  return _named(f"third({i})", lambda w, hf: np.split(w, 3, axis=-1)[i])
+
+
+def mamba2_in_proj(i):
+  """Part i of Mamba-2's in_proj outputs (z x | B C | dt), as ssm.layers.mamba2.InProj
+  holds them (`in_proj_parts`)."""
+  return _named(f"mamba2_in_proj({i})", lambda w, hf: in_proj_parts(
+      w, hf["num_heads"] * hf["head_dim"], hf.get("n_groups", 1), hf.get("state_size", 128))[i])
+
+
+def then(*transforms):
+  """The transforms applied in order."""
+  return _named(" then ".join(t.__name__ for t in transforms),
+                lambda w, hf: functools.reduce(lambda w, t: t(w, hf), transforms, w))
+
+
 # --- Mamba (transformers' MambaForCausalLM) ---------------------------------
 
 def _mamba_config(hf, weights, *, dtype, scan_impl):
@@ -128,37 +225,24 @@ def _mamba_config(hf, weights, *, dtype, scan_impl):
                   residual_in_fp32=hf.get("residual_in_fp32", True), dtype=dtype, mamba=mamba)
 
 
-_T = lambda w: w.T
-_SAME = lambda w: w
-
-
-def _mamba_names(param_path, hf, weights):
-  """Our parameter path -> (HF tensor name, how to convert it)."""
-  if param_path == ("embedding", "embedding"):
-    return "backbone.embeddings.weight", _SAME
-  if param_path == ("norm_f", "weight"):
-    return "backbone.norm_f.weight", _SAME
-  _, i, *rest = param_path
-  prefix = f"backbone.layers.{i}"
-  rest = tuple(rest)
-  if rest == ("norm", "weight"):
-    return f"{prefix}.norm.weight", _SAME
-  mixer = {
-      # (2E, D), x then z -> (D, 2, E)
-      ("in_proj", "kernel"): ("in_proj.weight", lambda w: w.T.reshape(w.shape[1], 2, -1)),
-      ("in_proj", "bias"): ("in_proj.bias", lambda w: w.reshape(2, -1)),
-      ("conv_weight",): ("conv1d.weight", lambda w: w[:, 0, :].T),  # (E, 1, K) -> (K, E)
-      ("conv_bias",): ("conv1d.bias", _SAME),
-      ("x_proj", "kernel"): ("x_proj.weight", _T),
-      ("dt_proj", "kernel"): ("dt_proj.weight", _T),
-      ("dt_proj", "bias"): ("dt_proj.bias", _SAME),
-      ("A_log",): ("A_log", _SAME),
-      ("D",): ("D", _SAME),
-      ("out_proj", "kernel"): ("out_proj.weight", _T),
-      ("out_proj", "bias"): ("out_proj.bias", _SAME),
-  }
-  name, fn = mixer[rest[1:]]
-  return f"{prefix}.mixer.{name}", fn
+MAMBA = {
+    "embedding.embedding": "backbone.embeddings.weight",
+    "norm_f.weight": "backbone.norm_f.weight",
+    "layers.{i}.norm.weight": "backbone.layers.{i}.norm.weight",
+    **_under("layers.{i}.mixer.", "backbone.layers.{i}.mixer.", {
+        "in_proj.kernel": ("in_proj.weight", then(transpose, halves)),  # (2E, D) -> (D, 2, E)
+        "in_proj.bias": ("in_proj.bias", halves),
+        "conv_weight": ("conv1d.weight", conv_taps),
+        "conv_bias": "conv1d.bias",
+        "x_proj.kernel": ("x_proj.weight", transpose),
+        "dt_proj.kernel": ("dt_proj.weight", transpose),
+        "dt_proj.bias": "dt_proj.bias",
+        "A_log": "A_log",
+        "D": "D",
+        "out_proj.kernel": ("out_proj.weight", transpose),
+        "out_proj.bias": "out_proj.bias",
+    }),
+}
 
 
 # --- Mamba-2 (transformers' Mamba2ForCausalLM) --------------------------------
@@ -190,37 +274,27 @@ def _mamba2_config(hf, weights, *, dtype, scan_impl):
       tie_embeddings=hf.get("tie_word_embeddings", False), mamba2=mamba2)
 
 
-def _mamba2_names(param_path, hf, weights):
-  """Our parameter path -> (HF tensor name, how to convert it)."""
-  top = {("embedding", "embedding"): ("backbone.embeddings.weight", _SAME),
-         ("norm_f", "weight"): ("backbone.norm_f.weight", _SAME),
-         ("lm_head", "kernel"): ("lm_head.weight", _T)}
-  if param_path in top:
-    return top[param_path]
-  _, i, *rest = param_path
-  prefix = f"backbone.layers.{i}"
-  rest = tuple(rest)
-  if rest == ("norm", "weight"):
-    return f"{prefix}.norm.weight", _SAME
-  # in_proj's (z, x, B, C, dt) rows -> our three parts (ssm.layers.mamba2.in_proj_parts)
-  part = lambda i: lambda w: in_proj_parts(w, hf["num_heads"] * hf["head_dim"],
-                                           hf.get("n_groups", 1), hf.get("state_size", 128))[i]
-  mixer = {
-      **{("in_proj", "kernel" + s): ("in_proj.weight", lambda w, f=part(i): f(w.T))
-         for i, s in enumerate(("", "_bc", "_dt"))},
-      **{("in_proj", "bias" + s): ("in_proj.bias", part(i))
-         for i, s in enumerate(("", "_bc", "_dt"))},
-      ("conv_weight",): ("conv1d.weight", lambda w: w[:, 0, :].T),  # (X, 1, K) -> (K, X)
-      ("conv_bias",): ("conv1d.bias", _SAME),
-      ("dt_bias",): ("dt_bias", _SAME),
-      ("A_log",): ("A_log", _SAME),
-      ("D",): ("D", _SAME),
-      ("norm", "weight"): ("norm.weight", _SAME),
-      ("out_proj", "kernel"): ("out_proj.weight", _T),
-      ("out_proj", "bias"): ("out_proj.bias", _SAME),
-  }
-  name, fn = mixer[rest[1:]]
-  return f"{prefix}.mixer.{name}", fn
+MAMBA2 = {
+    "embedding.embedding": "backbone.embeddings.weight",
+    "norm_f.weight": "backbone.norm_f.weight",
+    "lm_head.kernel": ("lm_head.weight", transpose),
+    "layers.{i}.norm.weight": "backbone.layers.{i}.norm.weight",
+    **_under("layers.{i}.mixer.", "backbone.layers.{i}.mixer.", {
+        # one in_proj in the checkpoint, three parts here (ssm.layers.mamba2.InProj)
+        **{f"in_proj.kernel{s}": ("in_proj.weight", then(transpose, mamba2_in_proj(i)))
+           for i, s in enumerate(("", "_bc", "_dt"))},
+        **{f"in_proj.bias{s}": ("in_proj.bias", mamba2_in_proj(i))
+           for i, s in enumerate(("", "_bc", "_dt"))},
+        "conv_weight": ("conv1d.weight", conv_taps),
+        "conv_bias": "conv1d.bias",
+        "dt_bias": "dt_bias",
+        "A_log": "A_log",
+        "D": "D",
+        "norm.weight": "norm.weight",
+        "out_proj.kernel": ("out_proj.weight", transpose),
+        "out_proj.bias": "out_proj.bias",
+    }),
+}
 
 
 # --- GPT-2 (GPT2LMHeadModel) -------------------------------------------------
@@ -244,29 +318,28 @@ def _gpt2_config(hf, weights, *, dtype, scan_impl):
       attention=AttentionConfig(n_heads=hf["n_head"], bias=True, rope=False))
 
 
-def _gpt2_names(param_path, hf, weights):
-  """GPT-2's Conv1D weights are (in, out) already; c_attn holds q, k and v."""
-  top = {("embedding", "embedding"): "transformer.wte.weight",
-         ("position_embedding", "embedding"): "transformer.wpe.weight",
-         ("norm_f", "weight"): "transformer.ln_f.weight",
-         ("norm_f", "bias"): "transformer.ln_f.bias",
-         ("lm_head", "kernel"): "lm_head.weight"}
-  if param_path in top:
-    return top[param_path], _T if param_path[0] == "lm_head" else _SAME
-  _, i, *rest = param_path
-  prefix, d = f"transformer.h.{i}", hf["n_embd"]
-  rest = tuple(rest)
-  simple = {("norm", "weight"): "ln_1.weight", ("norm", "bias"): "ln_1.bias",
-            ("norm2", "weight"): "ln_2.weight", ("norm2", "bias"): "ln_2.bias",
-            ("mixer", "o_proj", "kernel"): "attn.c_proj.weight",
-            ("mixer", "o_proj", "bias"): "attn.c_proj.bias",
-            ("mlp", "fc1", "kernel"): "mlp.c_fc.weight", ("mlp", "fc1", "bias"): "mlp.c_fc.bias",
-            ("mlp", "fc2", "kernel"): "mlp.c_proj.weight", ("mlp", "fc2", "bias"): "mlp.c_proj.bias"}
-  if rest in simple:
-    return f"{prefix}.{simple[rest]}", _SAME
-  which = "qkv".index(rest[1][0])  # q_proj, k_proj, v_proj: a third of c_attn
-  part = lambda w: w[..., which * d:(which + 1) * d]
-  return f"{prefix}.attn.c_attn.{'weight' if rest[2] == 'kernel' else 'bias'}", part
+# GPT-2's Conv1D weights are (in, out) already: only the head is transposed.
+GPT2 = {
+    "embedding.embedding": "transformer.wte.weight",
+    "position_embedding.embedding": "transformer.wpe.weight",
+    "norm_f.weight": "transformer.ln_f.weight",
+    "norm_f.bias": "transformer.ln_f.bias",
+    "lm_head.kernel": ("lm_head.weight", transpose),
+    **_under("layers.{i}.", "transformer.h.{i}.", {
+        "norm.weight": "ln_1.weight",
+        "norm.bias": "ln_1.bias",
+        "norm2.weight": "ln_2.weight",
+        "norm2.bias": "ln_2.bias",
+        **{f"mixer.{x}_proj.{ours}": (f"attn.c_attn.{theirs}", third(i))
+           for i, x in enumerate("qkv") for ours, theirs in (("kernel", "weight"), ("bias",) * 2)},
+        "mixer.o_proj.kernel": "attn.c_proj.weight",
+        "mixer.o_proj.bias": "attn.c_proj.bias",
+        "mlp.fc1.kernel": "mlp.c_fc.weight",
+        "mlp.fc1.bias": "mlp.c_fc.bias",
+        "mlp.fc2.kernel": "mlp.c_proj.weight",
+        "mlp.fc2.bias": "mlp.c_proj.bias",
+    }),
+}
 
 
 # --- Llama (LlamaForCausalLM) into transformer++ ---------------------------------
@@ -292,29 +365,21 @@ def _llama_config(hf, weights, *, dtype, scan_impl):
           rope=True, rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0))))
 
 
-def _llama_names(param_path, hf, weights):
-  """Linear weights are (out, in) in torch: transposed."""
-  top = {("embedding", "embedding"): ("model.embed_tokens.weight", _SAME),
-         ("norm_f", "weight"): ("model.norm.weight", _SAME),
-         ("lm_head", "kernel"): ("lm_head.weight", _T)}
-  if param_path in top:
-    return top[param_path]
-  _, i, *rest = param_path
-  rest = tuple(rest)
-  if rest == ("norm", "weight"):
-    return f"model.layers.{i}.input_layernorm.weight", _SAME
-  if rest == ("norm2", "weight"):
-    return f"model.layers.{i}.post_attention_layernorm.weight", _SAME
-  module = {"mixer": "self_attn", "mlp": "mlp"}[rest[0]]
-  kind = "weight" if rest[2] == "kernel" else "bias"
-  return f"model.layers.{i}.{module}.{rest[1]}.{kind}", _T if kind == "weight" else _SAME
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
-
-class Converter(NamedTuple):
-  config: Callable  # (hf config, weights, dtype=, scan_impl=) -> (model class, ssm config)
-  names: Callable  # (our param path, hf config, weights) -> (hf tensor name, transform)
-  ignore: tuple = ()  # fnmatch patterns of checkpoint tensors the model does not use
-  rename: tuple = ()  # (regex, replacement): older transformers names -> current ones
+LLAMA = {
+    "embedding.embedding": "model.embed_tokens.weight",
+    "norm_f.weight": "model.norm.weight",
+    "lm_head.kernel": ("lm_head.weight", transpose),
+    **_under("layers.{i}.", "model.layers.{i}.", {
+        "norm.weight": "input_layernorm.weight",
+        "norm2.weight": "post_attention_layernorm.weight",
+        **{f"mixer.{x}.kernel": (f"self_attn.{x}.weight", transpose) for x in _ATTENTION},
+        **{f"mixer.{x}.bias": f"self_attn.{x}.bias" for x in _ATTENTION},
+        **{f"mlp.{x}.kernel": (f"mlp.{x}.weight", transpose)
+           for x in ("gate_proj", "up_proj", "down_proj")},
+    }),
+}
 
 
 # --- ViT (ViTModel, ViTForImageClassification) and DINOv2 with registers ---------
@@ -363,61 +428,53 @@ def _dinov2_config(hf, weights, *, dtype, scan_impl):
                         layer_scale=hf.get("layerscale_value", 1.0))
 
 
-def _patch_kernel(w):
-  """Conv2d (D, C, p, p) -> our patch kernel (p * p * C, D)."""
-  return w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0])
+def _linear(ours, theirs):
+  """A torch Linear's two rows."""
+  return {f"{ours}.kernel": (f"{theirs}.weight", transpose), f"{ours}.bias": f"{theirs}.bias"}
 
 
-def _vision_names(param_path, hf, weights, *, base, layer, norms, scales=False):
-  top = {("patch_embedding", "proj", "kernel"): ("embeddings.patch_embeddings.projection.weight",
-                                                 _patch_kernel),
-         ("patch_embedding", "proj", "bias"): ("embeddings.patch_embeddings.projection.bias", _SAME),
-         ("cls_token",): ("embeddings.cls_token", _SAME),
-         ("register_tokens",): ("embeddings.register_tokens", _SAME),
-         ("position_embedding",): ("embeddings.position_embeddings", lambda w: w[0]),
-         ("norm", "weight"): ("layernorm.weight", _SAME),
-         ("norm", "bias"): ("layernorm.bias", _SAME)}
-  if param_path[0] == "head":
-    return f"classifier.{'weight' if param_path[1] == 'kernel' else 'bias'}", (
-        _T if param_path[1] == "kernel" else _SAME)
-  if param_path in top:
-    name, fn = top[param_path]
-    return base + name, fn
-  _, i, *rest = param_path
-  prefix = f"{base}{layer}.{i}"
-  if rest[0] in ("norm", "norm2"):
-    return f"{prefix}.{norms[rest[0]]}.{rest[1]}", _SAME
-  if rest[0] in ("layer_scale1", "layer_scale2"):
-    return f"{prefix}.{rest[0]}.lambda1", _SAME
-  module = {"mixer": "attention", "mlp": "mlp"}[rest[0]]
-  kind = "weight" if rest[2] == "kernel" else "bias"
-  return f"{prefix}.{module}.{rest[1]}.{kind}", _T if kind == "weight" else _SAME
+def _vision_table(layers, norms):
+  """ViT's and DINOv2's table: `layers` the encoder's list of layers, `norms` the names
+  of a layer's two norms."""
+  return {
+      "patch_embedding.proj.kernel": ("embeddings.patch_embeddings.projection.weight",
+                                      patch_kernel),
+      "patch_embedding.proj.bias": "embeddings.patch_embeddings.projection.bias",
+      "cls_token": "embeddings.cls_token",
+      "register_tokens": "embeddings.register_tokens",
+      "position_embedding": ("embeddings.position_embeddings", first),
+      "norm.weight": "layernorm.weight",
+      "norm.bias": "layernorm.bias",
+      **_linear("head", "classifier"),
+      **_under("layers.{i}.", layers + ".{i}.", {
+          **{f"{ours}.{p}": f"{theirs}.{p}" for ours, theirs in zip(("norm", "norm2"), norms)
+             for p in ("weight", "bias")},
+          "layer_scale1": "layer_scale1.lambda1",
+          "layer_scale2": "layer_scale2.lambda1",
+          **{k: v for x in _ATTENTION for k, v in _linear(f"mixer.{x}", f"attention.{x}").items()},
+          **_linear("mlp.fc1", "mlp.fc1"),
+          **_linear("mlp.fc2", "mlp.fc2"),
+      }),
+  }
 
 
-def _vit_names(param_path, hf, weights):
-  base = "vit." if any(n.startswith("vit.") for n in weights) else ""
-  return _vision_names(param_path, hf, weights, base=base, layer="layers",
-                       norms={"norm": "layernorm_before", "norm2": "layernorm_after"})
-
-
-def _dinov2_names(param_path, hf, weights):
-  return _vision_names(param_path, hf, weights, base="", layer="encoder.layer",
-                       norms={"norm": "norm1", "norm2": "norm2"})
+VIT = _vision_table("layers", ("layernorm_before", "layernorm_after"))
+DINOV2 = _vision_table("encoder.layer", ("norm1", "norm2"))
 
 
 CONVERTERS = {
-    "mamba": Converter(_mamba_config, _mamba_names),
-    "mamba2": Converter(_mamba2_config, _mamba2_names),
-    "gpt2": Converter(_gpt2_config, _gpt2_names, ignore=("*.attn.bias", "*.attn.masked_bias")),
-    "llama": Converter(_llama_config, _llama_names),
+    "mamba": Converter(_mamba_config, MAMBA),
+    "mamba2": Converter(_mamba2_config, MAMBA2),
+    "gpt2": Converter(_gpt2_config, GPT2, ignore=("*.attn.bias", "*.attn.masked_bias")),
+    "llama": Converter(_llama_config, LLAMA),
     # ViTModel's pooler (dense + tanh on CLS) is not part of the ViT; DINOv2's mask
-    # token only serves masked-image pretraining.
-    "vit": Converter(_vit_config, _vit_names, ignore=("pooler.*", "vit.pooler.*"),
-                     rename=_VIT_RENAMES),
-    "dinov2_with_registers": Converter(_dinov2_config, _dinov2_names,
-                                       ignore=("embeddings.mask_token",),
+    # token only serves masked-image pretraining. ViTForImageClassification keeps the
+    # encoder under "vit.", which the table does not write.
+    "vit": Converter(_vit_config, VIT, ignore=("pooler.*",),
+                     rename=_VIT_RENAMES + ((r"^vit\.", ""),)),
+    "dinov2_with_registers": Converter(_dinov2_config, DINOV2, ignore=("embeddings.mask_token",),
                                        rename=_ENCODER_RENAMES),
     # DINOv2 without registers (facebook/dinov2-*): the same tensors but the registers
-    "dinov2": Converter(_dinov2_config, _dinov2_names, ignore=("embeddings.mask_token",),
+    "dinov2": Converter(_dinov2_config, DINOV2, ignore=("embeddings.mask_token",),
                         rename=_ENCODER_RENAMES),
 }

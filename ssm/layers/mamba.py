@@ -17,6 +17,9 @@ from flax import nnx
 
 from ssm.fields import require
 from ssm.layers import partitioning
+from ssm.layers.conv import (causal_conv1d, conv_final_state, conv_params, conv_step,
+                             init_conv_state)
+from ssm.layers.init import dt_bias_init, torch_linear_init, uniform
 from ssm.scan import selective_scan, selective_state_update
 
 
@@ -45,38 +48,6 @@ class MambaConfig:
 class MambaCache(NamedTuple):
   conv: jax.Array  # (B, K-1, E): the last K-1 conv inputs, oldest first
   ssm: jax.Array  # (B, E, N) float32
-
-
-def torch_linear_init():
-  """PyTorch's default nn.Linear / nn.Conv1d weight init: U(+-1/sqrt(fan_in))."""
-  return nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
-
-
-def uniform(bound):
-  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
-def causal_conv1d(x_BLE, weight_KE, bias_E=None, reset_BL=None):
-  """Depthwise causal convolution: y_t = sum_k w_k x_{t-K+1+k} (+ bias).
-
-  Where `reset` marks a document start, taps never reach into the previous
-  document. Accumulates in float32; returns x's dtype."""
-  K = weight_KE.shape[0]
-  L = x_BLE.shape[1]
-  x_pad = jnp.pad(x_BLE.astype(jnp.float32), ((0, 0), (K - 1, 0), (0, 0)))
-  w = weight_KE.astype(jnp.float32)
-  if reset_BL is not None:
-    doc_BL = jnp.cumsum(reset_BL, axis=1)
-    doc_pad = jnp.pad(doc_BL, ((0, 0), (K - 1, 0)), constant_values=-1)
-  y = jnp.zeros(x_BLE.shape, jnp.float32)
-  for k in range(K):
-    tap = x_pad[:, k:k + L] * w[k]
-    if reset_BL is not None:
-      tap = jnp.where((doc_pad[:, k:k + L] == doc_BL)[..., None], tap, 0.0)
-    y = y + tap
-  if bias_E is not None:
-    y = y + bias_E.astype(jnp.float32)
-  return y.astype(x_BLE.dtype)
 
 
 class InProj(nnx.Module):
@@ -115,12 +86,8 @@ class Mamba(nnx.Module):
                                                           param_dtype=param_dtype, rngs=rngs, **kw)
     self.in_proj = InProj(d_model, E, use_bias=c.bias, dtype=dtype, param_dtype=param_dtype,
                           rngs=rngs)
-    conv_init = uniform(1 / math.sqrt(K))
-    self.conv_weight = partitioning.param(conv_init(rngs.params(), (K, E), param_dtype),
-                                          (None, "inner"))
-    self.conv_bias = (partitioning.param(conv_init(rngs.params(), (E,), param_dtype), ("inner",),
-                                         decay=False)
-                      if c.conv_bias else None)
+    self.conv_weight, self.conv_bias = conv_params(K, E, "inner", use_bias=c.conv_bias,
+                                                   param_dtype=param_dtype, rngs=rngs)
     self.x_proj = linear(E, R + 2 * N, ("inner", None), use_bias=False,
                          kernel_init=torch_linear_init())
     dt_std = R**-0.5 * c.dt_scale
@@ -128,7 +95,7 @@ class Mamba(nnx.Module):
                       else uniform(dt_std))
     self.dt_proj = linear(R, E, (None, "inner"), use_bias=True, bias_axes=("inner",),
                           kernel_init=dt_kernel_init,
-                          bias_init=self._dt_bias_init)
+                          bias_init=dt_bias_init(c.dt_min, c.dt_max, c.dt_init_floor))
     # S4D-real: A = -(1, 2, ..., N) in every channel. A_log and D stay float32.
     self.A_log = partitioning.param(
         jnp.log(jnp.tile(jnp.arange(1, N + 1, dtype=jnp.float32), (E, 1))), ("inner", None),
@@ -138,14 +105,6 @@ class Mamba(nnx.Module):
     # the number of residual branches in the model (n_layer for a pure Mamba LM).
     out_init = nnx.initializers.variance_scaling(1 / (3 * n_residuals), "fan_in", "uniform")
     self.out_proj = linear(E, d_model, ("inner", "embed"), use_bias=c.bias, kernel_init=out_init)
-
-  def _dt_bias_init(self, key, shape, dtype=jnp.float32):
-    """softplus^-1 of dt ~ log-uniform in [dt_min, dt_max], clamped at the floor."""
-    c = self.config
-    log_min, log_max = math.log(c.dt_min), math.log(c.dt_max)
-    dt = jnp.exp(jax.random.uniform(key, shape, jnp.float32) * (log_max - log_min) + log_min)
-    dt = jnp.maximum(dt, c.dt_init_floor)
-    return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
 
   def _in_proj(self, x_BLD):
     """x and z, kept where in_proj computes them: batch and channels sharded."""
@@ -190,25 +149,17 @@ class Mamba(nnx.Module):
       out_BLD = self.out_proj(y_BLE)
     if not return_cache:
       return out_BLD
-    conv_BKE = jnp.pad(x_BLE, ((0, 0), (K - 1, 0), (0, 0)))[:, -(K - 1):]
-    if reset_BL is not None:  # only the last document's inputs reach later tokens
-      doc_BL = jnp.cumsum(reset_BL, axis=1)
-      in_last = jnp.pad(doc_BL == doc_BL[:, -1:], ((0, 0), (K - 1, 0)))[:, -(K - 1):]
-      conv_BKE = jnp.where(in_last[..., None], conv_BKE, 0)
-    return out_BLD, MambaCache(conv_BKE, h_BEN)
+    return out_BLD, MambaCache(conv_final_state(x_BLE, K, reset_BL), h_BEN)
 
   def init_cache(self, batch, max_length=None):
     E, K, N = self.d_inner, self.config.d_conv, self.config.d_state
-    return MambaCache(jnp.zeros((batch, K - 1, E), self.dtype), jnp.zeros((batch, E, N)))
+    return MambaCache(init_conv_state(batch, K, E, self.dtype), jnp.zeros((batch, E, N)))
 
   def step(self, x_BD, cache: MambaCache, position=None):
     """One token: (B, D) -> (B, D), and the updated cache."""
     x_BE, z_BE = self.in_proj(x_BD)
-    window_BKE = jnp.concatenate([cache.conv, x_BE[:, None].astype(cache.conv.dtype)], axis=1)
-    xc_BE = jnp.sum(window_BKE.astype(jnp.float32) * self.conv_weight[...].astype(jnp.float32),
-                    axis=1)
-    if self.conv_bias is not None:
-      xc_BE = xc_BE + self.conv_bias[...].astype(jnp.float32)
+    bias = None if self.conv_bias is None else self.conv_bias[...]
+    xc_BE, conv_BKE = conv_step(cache.conv, x_BE, self.conv_weight[...], bias)
     xc_BE = jax.nn.silu(xc_BE).astype(x_BE.dtype)
     R, N = self.dt_rank, self.config.d_state
     dt_BR, B_BN, C_BN = jnp.split(self.x_proj(xc_BE), [R, R + N], axis=-1)
@@ -216,7 +167,7 @@ class Mamba(nnx.Module):
         cache.ssm, xc_BE, dt_BR @ self.dt_proj.kernel[...].astype(self.dtype),
         -jnp.exp(self.A_log[...].astype(jnp.float32)), B_BN, C_BN,
         self.D[...].astype(jnp.float32), z_BE, delta_bias=self.dt_proj.bias[...].astype(jnp.float32))
-    return self.out_proj(y_BE), MambaCache(window_BKE[:, 1:], ssm_BEN)
+    return self.out_proj(y_BE), MambaCache(conv_BKE, ssm_BEN)
 
 
 class BiMamba(Mamba):

@@ -25,7 +25,9 @@ from flax import nnx
 
 from ssm.fields import require
 from ssm.layers import partitioning
-from ssm.layers.mamba import causal_conv1d, uniform
+from ssm.layers.conv import (causal_conv1d, conv_final_state, conv_params, conv_step,
+                             init_conv_state)
+from ssm.layers.init import dt_bias_init
 from ssm.scan import ssd, ssd_state_update
 from ssm.scan.ssd import DEFAULT_CHUNK_SIZE, NO_DT_LIMIT, check_dt_limit
 from ssm.scan.ssd import IMPLS as SSD_IMPLS
@@ -174,13 +176,11 @@ class Mamba2(nnx.Module):
     self.d_in_proj = 2 * E + 2 * G * N + H
     self.in_proj = InProj(d_model, E, H, G, N, use_bias=c.bias, dtype=dtype,
                           param_dtype=param_dtype, rngs=rngs)
-    conv_init = uniform(1 / math.sqrt(K))  # PyTorch's depthwise Conv1d init (fan-in K)
-    self.conv_weight = partitioning.param(conv_init(rngs.params(), (K, X), param_dtype),
-                                          (None, None))
-    self.conv_bias = (partitioning.param(conv_init(rngs.params(), (X,), param_dtype), (None,),
-                                         decay=False) if c.conv_bias else None)
-    self.dt_bias = partitioning.param(self._dt_bias_init(rngs.params(), (H,)), ("heads",),
-                                      decay=False)
+    # replicated: x's channels and B's and C's shard differently (`_conv_parts` cuts it)
+    self.conv_weight, self.conv_bias = conv_params(K, X, None, use_bias=c.conv_bias,
+                                                   param_dtype=param_dtype, rngs=rngs)
+    dt_init = dt_bias_init(c.dt_min, c.dt_max, c.dt_init_floor)
+    self.dt_bias = partitioning.param(dt_init(rngs.params(), (H,)), ("heads",), decay=False)
     A = jax.random.uniform(rngs.params(), (H,), jnp.float32, c.A_init_min, c.A_init_max)
     self.A_log = partitioning.param(jnp.log(A), ("heads",), decay=False)
     self.D = partitioning.param(jnp.ones((H,), jnp.float32), ("heads",), decay=False)
@@ -190,14 +190,6 @@ class Mamba2(nnx.Module):
     self.out_proj = partitioning.linear(E, d_model, ("inner", "embed"), use_bias=c.bias,
                                         dtype=dtype, param_dtype=param_dtype,
                                         kernel_init=out_init, rngs=rngs)
-
-  def _dt_bias_init(self, key, shape):
-    """softplus^-1 of dt ~ log-uniform in [dt_min, dt_max], clamped at the floor."""
-    c = self.config
-    log_min, log_max = math.log(c.dt_min), math.log(c.dt_max)
-    dt = jnp.exp(jax.random.uniform(key, shape, jnp.float32) * (log_max - log_min) + log_min)
-    dt = jnp.maximum(dt, c.dt_init_floor)
-    return dt + jnp.log(-jnp.expm1(-dt))
 
   def _groups(self):
     """How many groups B and C are computed as: G, or on a mesh whose t tensor shards
@@ -283,21 +275,16 @@ class Mamba2(nnx.Module):
       out_BLD = self.out_proj(y_BLE)
     if not return_cache:
       return out_BLD
-    # the last K-1 conv inputs (x, B, C) of the last document, each group once
+    # the conv state of x, B and C, each group once
     r = G // c.ngroups
-    last = [p[:, max(L - K + 1, 0):] for p in parts]
+    last = [conv_final_state(p, K, reset_BL) for p in parts]
     last[1:] = [t.reshape(*t.shape[:2], G, N)[:, :, ::r].reshape(*t.shape[:2], -1)
                 for t in last[1:]]
-    conv_BKX = jnp.pad(jnp.concatenate(last, axis=-1), ((0, 0), (max(K - 1 - L, 0), 0), (0, 0)))
-    if reset_BL is not None:  # only the last document's inputs reach later tokens
-      doc_BL = jnp.cumsum(reset_BL, axis=1)
-      in_last = jnp.pad(doc_BL == doc_BL[:, -1:], ((0, 0), (K - 1, 0)))[:, -(K - 1):]
-      conv_BKX = jnp.where(in_last[..., None], conv_BKX, 0)
-    return out_BLD, Mamba2Cache(conv_BKX, h_BHPN)
+    return out_BLD, Mamba2Cache(jnp.concatenate(last, axis=-1), h_BHPN)
 
   def init_cache(self, batch, max_length=None):
     c = self.config
-    return Mamba2Cache(jnp.zeros((batch, c.d_conv - 1, self.conv_dim), self.dtype),
+    return Mamba2Cache(init_conv_state(batch, c.d_conv, self.conv_dim, self.dtype),
                        jnp.zeros((batch, self.nheads, c.headdim, c.d_state), jnp.float32))
 
   def step(self, x_BD, cache: Mamba2Cache, position=None):
@@ -306,14 +293,11 @@ class Mamba2(nnx.Module):
     z_BE, x_BE, B_BGN, C_BGN, dt_BH = self.in_proj(x_BD)
     xBC_BX = jnp.concatenate([x_BE, B_BGN.reshape(x_BE.shape[0], -1),
                               C_BGN.reshape(x_BE.shape[0], -1)], axis=-1)
-    window_BKX = jnp.concatenate([cache.conv, xBC_BX[:, None].astype(cache.conv.dtype)], axis=1)
-    conv_BX = jnp.sum(window_BKX.astype(jnp.float32) * self.conv_weight[...].astype(jnp.float32),
-                      axis=1)
-    if self.conv_bias is not None:
-      conv_BX = conv_BX + self.conv_bias[...].astype(jnp.float32)
+    bias = None if self.conv_bias is None else self.conv_bias[...]
+    conv_BX, conv_BKX = conv_step(cache.conv, xBC_BX, self.conv_weight[...], bias)
     x_BHP, B_BGN, C_BGN = self._heads(jax.nn.silu(conv_BX).astype(xBC_BX.dtype))
     A_H, D_H, dt_bias_H = self._params32()
     y_BHP, ssm_BHPN = ssd_state_update(cache.ssm, x_BHP, dt_BH, A_H, B_BGN, C_BGN, D_H,
                                        dt_bias_H, dt_limit=self.config.dt_limit)
     y_BE = self.norm(y_BHP.reshape(y_BHP.shape[0], self.d_inner), z_BE)
-    return self.out_proj(y_BE), Mamba2Cache(window_BKX[:, 1:], ssm_BHPN)
+    return self.out_proj(y_BE), Mamba2Cache(conv_BKX, ssm_BHPN)

@@ -22,8 +22,8 @@ from ssm.fields import require
 from ssm.layers import Mamba, Mamba2, Mamba2Config, MambaConfig, partitioning
 from ssm.layers.attention import Attention, AttentionConfig
 from ssm.layers.block import DTYPES, Block
+from ssm.layers.init import torch_linear_init
 from ssm.layers.mlp import MLP
-from ssm.layers.mamba import torch_linear_init
 from ssm.layers.norms import make_norm
 
 MIXERS = {"M": "Mamba", "S": "Mamba-2", "A": "attention"}

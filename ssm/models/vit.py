@@ -18,7 +18,7 @@ from flax import nnx
 from ssm.layers import partitioning
 from ssm.layers.attention import Attention, AttentionConfig
 from ssm.layers.block import DTYPES, Block
-from ssm.layers.mamba import torch_linear_init
+from ssm.layers.init import torch_linear_init
 from ssm.layers.mlp import MLP
 from ssm.layers.norms import make_norm
 
